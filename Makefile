@@ -1,0 +1,43 @@
+# Everything a fresh machine needs: venv, pinned dependencies, data. Idempotent; fast the second time.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+export ADVTRANSFER_DATA ?= $(CURDIR)/.data
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install data demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ]; then (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) || echo "note: apt could not install dataset-fashion-mnist; advtransfer will try the internet"; \
+	else echo "note: not root, skipping apt-get install dataset-fashion-mnist"; fi
+
+data: $(STAMP) $(ADVTRANSFER_DATA)/.stamp-data
+
+$(ADVTRANSFER_DATA)/.stamp-data: | $(FASHION)
+	$(BIN)/advtransfer fetch-data
+	touch $@
+
+demo: install data
+	$(BIN)/advtransfer demo --out runs/demo
+
+test: install data
+	$(BIN)/python -m pytest -o addopts="" -q -ra tests
+
+bench: install data
+	$(BIN)/python benchmarks/bench.py
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

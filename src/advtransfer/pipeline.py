@@ -1,0 +1,340 @@
+"""One run: config -> data -> model (+ method) -> train stage(s) -> test evaluation -> result card.
+
+A RanLI run is one stage. A RoLI run is two, in ``stage1/`` (adversarial linear probe) and ``stage2/``
+(the finetune, its head loaded from stage 1's best checkpoint); the top-level ``result.json`` is the final
+stage's. Every run directory holds ``config.yaml`` (resolved), ``env.json`` (git SHA, versions),
+``metrics.jsonl`` per stage, ``best.safetensors``, ``state.safetensors`` (resume), ``result.json``,
+``masks.safetensors`` (per-example robustness) and ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from .attacks import Threat
+from .config import Init, RunConfig, to_dict
+from .data import Splits, load_splits
+from .errors import UserError
+from .evaluate import evaluate
+from .methods import apply_method, count
+from .models import (
+    Classifier,
+    ModelSpec,
+    atomic_write,
+    build,
+    check_keys,
+    load_backbone_weights,
+    read_spec,
+    read_state,
+)
+from .train import Stage, fit
+
+RESULT = "result.json"
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+class RunDir:
+    """A run directory, locked while in use (a second run into it is refused)."""
+
+    def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if (self.path / RESULT).exists() and not overwrite:
+            raise UserError(f"run: {self.path} already holds a finished run (use --overwrite to replace it)")
+        if self.path.exists() and any(self.path.iterdir()) and not (resume or overwrite):
+            raise UserError(f"run: {self.path} is not empty (use --resume to continue it or --overwrite)")
+        if resume and not (self.path / "config.yaml").exists():
+            raise UserError(f"run: nothing to resume in {self.path} (no config.yaml)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = self.path / ".lock"
+        self._acquire()
+
+    def _acquire(self) -> None:
+        try:
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = int(self.lock.read_text().strip() or 0) if self.lock.exists() else 0
+            if pid and _alive(pid):
+                raise UserError(f"run: {self.path} is in use by process {pid}") from None
+            self.lock.unlink(missing_ok=True)  # stale lock of a dead process
+            return self._acquire()
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+    def release(self) -> None:
+        self.lock.unlink(missing_ok=True)
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, file=sys.stderr, flush=True)
+        with open(self.path / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid() or True
+
+
+def environment() -> dict:
+    """Git SHA and library versions, recorded with every run."""
+    import peft
+    import pyautoattack
+    import timm
+    import torchvision
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return {
+        "git_sha": sha or "unknown",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "peft": peft.__version__,
+        "pyautoattack": pyautoattack.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------- model from config
+
+
+def source_spec(cfg: RunConfig, splits: Splits) -> ModelSpec:
+    """The model a run starts from: architecture from the config or the checkpoint's metadata."""
+    m = cfg.model
+    ckpt = Path(m.checkpoint) if m.checkpoint else None
+    if ckpt is not None and not ckpt.is_file():
+        raise UserError(f"checkpoint: file not found: {ckpt}")
+    backbone, kwargs, mean, std = m.backbone, dict(m.kwargs), list(m.mean), list(m.std)
+    if ckpt is not None and ckpt.suffix == ".safetensors":
+        src = read_spec(ckpt)
+        if backbone and (backbone != src.backbone or (kwargs and kwargs != src.kwargs)):
+            raise UserError(
+                f"checkpoint: {ckpt} is a {src.backbone} {src.kwargs}, but the config asks for {backbone} {kwargs}"
+            )
+        backbone, kwargs = src.backbone, src.kwargs
+        mean, std = mean or src.mean, std or src.std
+    if not backbone:
+        raise UserError("config: model.backbone is empty and no advtransfer checkpoint names one")
+    return ModelSpec(
+        backbone=backbone,
+        kwargs=kwargs,
+        num_classes=splits.num_classes,
+        mean=mean,
+        std=std,
+        input_size=[m.input_size, m.input_size] if m.input_size else [],
+        classes=splits.classes,
+        method={"name": cfg.method.name, "options": dict(cfg.method.options)},
+        trained={"dataset": cfg.data.name, "objective": cfg.train.objective.value, "eps": cfg.attack.eps,
+                 "norm": cfg.attack.norm.value, "epochs": cfg.train.epochs, "seed": cfg.seed,
+                 "source": m.checkpoint or ("timm-pretrained" if m.pretrained else "scratch")},
+    )  # fmt: skip
+
+
+def make_model(cfg: RunConfig, spec: ModelSpec, seed: int) -> Classifier:
+    """Build the backbone (seeded head), load source weights, then apply the spec's method."""
+    torch.manual_seed(seed)
+    model = build(spec, pretrained=cfg.model.pretrained and not cfg.model.checkpoint)
+    if spec.num_classes < 2:
+        raise UserError(f"data: need at least 2 classes, got {spec.num_classes}")
+    if cfg.model.checkpoint:
+        load_backbone_weights(model, Path(cfg.model.checkpoint))
+    return apply_method(model, spec.method["name"], spec.method["options"])
+
+
+def head_prefix(model: Classifier) -> str:
+    return "backbone." + next(n for n, m in model.backbone.named_modules() if m is model.head) + "."
+
+
+def load_head(model: Classifier, path: Path) -> None:
+    """RoLI: copy the classifier head of a stage-1 checkpoint into ``model`` (shapes checked by name)."""
+    prefix = head_prefix(model)
+    source = {k: v for k, v in read_state(path).items() if k.startswith(prefix)}
+    target = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    check_keys(target, source, path, skip=set())
+    model.load_state_dict(source, strict=False)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _threats(cfg: RunConfig) -> tuple[Threat, Threat, Threat]:
+    eps, norm, step = cfg.eps, cfg.attack.norm.value, cfg.step_size
+    return (
+        Threat(eps, norm, cfg.attack.steps, step),
+        Threat(eps, norm, cfg.eval.val_pgd_steps, step),
+        Threat(eps, norm, cfg.eval.pgd_steps, step),
+    )
+
+
+def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool) -> dict:
+    """Clean + PGD on the test split, AutoAttack on its first ``n_autoattack`` examples; masks saved."""
+    e = cfg.eval
+    x, y = splits.test.tensors()
+    common = dict(eps=cfg.eps, norm=cfg.attack.norm.value, pgd_steps=e.pgd_steps, pgd_step_size=cfg.step_size,
+                  pgd_restarts=e.pgd_restarts, batch_size=e.batch_size, seed=cfg.seed, num_classes=splits.num_classes)  # fmt: skip
+    res = evaluate(model, x, y, attacks=("clean", "pgd"), **common)
+    out_res = {
+        "clean_acc": res["clean"],
+        "pgd_acc": res["pgd"],
+        "n_eval": res["n"],
+        "pgd_settings": res["pgd_settings"],
+        "flags": res["flags"],
+    }
+    masks = {k: v.to(torch.uint8) for k, v in res["masks"].items()}
+    out_res["autoattack_acc"] = None
+    if autoattack:
+        n = min(e.n_autoattack or len(x), len(x))
+        aa = evaluate(model, x[:n], y[:n], attacks=("autoattack",), aa_version=e.aa_version, aa_attacks=e.aa_attacks,
+                      aa_state=out / "autoattack_state.json", checks=False, **common)  # fmt: skip
+        out_res.update(autoattack_acc=aa["autoattack"], n_autoattack=n, autoattack_settings=aa["autoattack_settings"])
+        masks["autoattack"] = aa["masks"]["autoattack"].to(torch.uint8)
+        from .evaluate import result_flags
+
+        sub = {
+            "clean": res["masks"]["clean"][:n].float().mean().item(),
+            "pgd": res["masks"]["pgd"][:n].float().mean().item(),
+            "autoattack": aa["autoattack"],
+        }
+        out_res["flags"] = res["flags"] + [
+            f for f in result_flags(sub, n) if f["flag"] not in {g["flag"] for g in res["flags"]}
+        ]
+    atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
+    return out_res
+
+
+def run_stage(
+    cfg: RunConfig,
+    splits: Splits,
+    spec: ModelSpec,
+    stage_dir: Path,
+    train_cfg,
+    log,
+    resume: bool,
+    head_from: Path | None,
+) -> tuple[Classifier, dict]:
+    model = make_model(cfg, spec, cfg.seed)
+    if head_from is not None:
+        load_head(model, head_from)
+        log(f"RoLI: head loaded from {head_from}")
+    train_threat, val_threat, _ = _threats(cfg)
+    stage = Stage(stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size)
+    best = fit(model, splits.train, splits.val, stage, log, resume=resume)
+    best_model = make_model(cfg, spec, cfg.seed)
+    best_model.load_state_dict(read_state(stage.best_path))
+    return best_model.eval(), best
+
+
+def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Execute a run into ``out``; return its result card (also written to ``out/result.json``)."""
+    out = Path(out)
+    if cfg.method.init == Init.ROLI and cfg.method.name == "linear":
+        raise UserError(
+            "config: init 'roli' needs a finetuning method other than 'linear' (RoLI's stage 1 is the linear probe)"
+        )
+    if resume and (out / "config.yaml").exists():
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        if saved != to_dict(cfg):
+            raise UserError(f"run: --resume with a config that differs from the one saved in {out / 'config.yaml'}")
+    rd = RunDir(out, resume=resume, overwrite=overwrite)
+    try:
+        t0 = time.time()
+        atomic_write(
+            out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        )
+        write_json(out / "env.json", environment())
+        splits = load_splits(cfg.data)
+        rd.log(
+            f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
+        )
+        spec = source_spec(cfg, splits)
+        head_from = None
+        final_dir = out
+        if cfg.method.init == Init.ROLI:
+            head_from = probe_head(cfg, splits, spec, out, rd.log, resume)
+            final_dir = out / "stage2"
+        model, best = run_stage(cfg, splits, spec, final_dir, cfg.train, rd.log, resume, head_from)
+        rd.log(
+            f"best epoch {best['epoch'] + 1}: val clean {best['val_clean']:.4f} val pgd {best['val_pgd']:.4f}; testing"
+        )
+        res = test_eval(model, splits, cfg, final_dir, cfg.eval.autoattack)
+        card = result_card(cfg, spec, model, best, res, time.time() - t0)
+        if final_dir != out:
+            write_json(final_dir / RESULT, card)
+        write_json(out / RESULT, card)
+        rd.log(f"result: clean {card['clean_acc']:.4f} pgd {card['pgd_acc']:.4f} autoattack {card['autoattack_acc']}")
+        return card
+    finally:
+        rd.release()
+
+
+def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, log, resume: bool) -> Path:
+    """RoLI stage 1: adversarial linear probing (or a finished probe run to reuse); returns its best checkpoint."""
+    if cfg.method.probe_run:
+        probe = Path(cfg.method.probe_run)
+        path = probe / "best.safetensors"
+        if not path.is_file():
+            raise UserError(f"config: method.probe_run {probe} holds no best.safetensors")
+        log(f"RoLI: reusing the linear probe of {probe}")
+        return path
+    s1 = out / "stage1"
+    if (s1 / RESULT).exists():
+        return s1 / "best.safetensors"
+    lin_spec = replace(spec, method={"name": "linear", "options": {}})
+    lin_cfg = replace(cfg, method=replace(cfg.method, name="linear", options={}))
+    model, best = run_stage(lin_cfg, splits, lin_spec, s1, cfg.probe, log, resume, None)
+    res = test_eval(model, splits, lin_cfg, s1, autoattack=False)
+    write_json(s1 / RESULT, result_card(lin_cfg, lin_spec, model, best, res, 0.0))
+    return s1 / "best.safetensors"
+
+
+def result_card(cfg: RunConfig, spec: ModelSpec, model: Classifier, best: dict, res: dict, seconds: float) -> dict:
+    return {
+        "name": cfg.name,
+        "method": spec.method["name"],
+        "method_options": spec.method["options"],
+        "init": cfg.method.init.value,
+        "backbone": spec.backbone,
+        "source": cfg.model.checkpoint or ("timm-pretrained" if cfg.model.pretrained else "scratch"),
+        "dataset": cfg.data.name,
+        "seed": cfg.seed,
+        "eps": cfg.attack.eps,
+        "eps_value": cfg.eps,
+        "norm": cfg.attack.norm.value,
+        "objective": cfg.train.objective.value,
+        **res,
+        "best_epoch": best["epoch"],
+        "val_clean": best["val_clean"],
+        "val_pgd": best["val_pgd"],
+        "trainable_params": count(model),
+        "total_params": count(model, only_trainable=False),
+        "n_train": None,
+        "seconds": round(seconds, 1),
+    }

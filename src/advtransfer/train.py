@@ -1,0 +1,266 @@
+"""Adversarial training as plain functions: optimiser by rule, warmup + cosine, one step, one stage.
+
+Objective (Madry PGD-AT): ``min_θ̂ E max_{‖δ‖≤ε} CE(f(x+δ), y)``; TRADES and natural training too.
+A stage trains the parameters its method marks trainable, validates clean and PGD accuracy on the
+validation split after each epoch, keeps the best checkpoint by validation robust accuracy (as the
+paper does), and saves a resumable state (model, optimiser, scheduler, every RNG, data position).
+bf16 autocast needs no loss scaler, so there is no AMP scaler state to save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .attacks import Threat, autocast, pgd
+from .config import Objective, Optimizer, TrainConfig
+from .data import Split, batches
+from .errors import RunError
+from .models import Classifier, ModelSpec, atomic_write, save_checkpoint
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: the state was saved; resume with ``--resume``."""
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay by rule: on trainable parameters with ``ndim >= 2`` only (not biases, norms, tokens)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == Optimizer.SGD:
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for ``warmup_epochs``, then cosine decay to 0, stepped per optimiser step."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: Threat,
+    cfg: TrainConfig,
+) -> tuple[float, int]:
+    """One optimiser step on the configured objective; returns (loss, correct predictions on the trained inputs)."""
+    if cfg.objective == Objective.NATURAL:
+        x_in = x
+    elif cfg.objective == Objective.AT:
+        x_in = pgd(model, x, y, threat, bf16=cfg.bf16)
+    else:  # TRADES: maximise KL to the clean prediction from a small Gaussian start
+        model.eval()
+        with torch.no_grad(), autocast(cfg.bf16, x.device):
+            clean = model(x)
+        x_in = pgd(model, x, y, threat, loss="kl", random_start=False, bf16=cfg.bf16, clean_logits=clean)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with autocast(cfg.bf16, x.device):
+        if cfg.objective == Objective.TRADES:
+            both = model(torch.cat([x, x_in])).float()
+            logits, adv = both[: len(x)], both[len(x) :]
+            kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(logits, 1), reduction="batchmean")
+            loss = F.cross_entropy(logits, y) + cfg.trades_beta * kl
+            logits = adv
+        else:
+            logits = model(x_in).float()
+            loss = F.cross_entropy(logits, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()})")
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    opt.step()
+    return loss.item(), int((logits.argmax(1) == y).sum())
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda{i}"] = s
+    py = random.getstate()
+    npy = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [npy[0], npy[1].tolist(), *npy[2:]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")])
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = meta["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+
+
+def save_state(path: Path, model, opt, sched, progress: dict) -> None:
+    """Everything needed to continue bit-identically, as one safetensors file (written atomically)."""
+    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"optim/{pid}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
+    rng_t, rng_m = rng_state()
+    tensors.update(rng_t)
+    meta = {
+        "progress": progress,
+        "param_groups": osd["param_groups"],
+        "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+        "rng": rng_m,
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
+
+
+def load_state(path: Path, model, opt, sched) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched_state = sched.state_dict()
+    sched_state.update(meta["scheduler"])
+    sched.load_state_dict(sched_state)
+    set_rng_state(tensors, meta["rng"])
+    return meta["progress"]
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+@dataclass
+class Stage:
+    """One training stage of a run (a RoLI run has two: the probe, then the finetune)."""
+
+    dir: Path
+    spec: ModelSpec
+    cfg: TrainConfig
+    threat: Threat  # training attack
+    val_threat: Threat  # validation attack for model selection
+    seed: int
+    eval_batch_size: int = 256
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / "best.safetensors"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.safetensors"
+
+
+def validate(model: Classifier, split: Split, threat: Threat, batch_size: int) -> dict[str, float]:
+    """Clean and PGD accuracy on a split (fp32, eval mode)."""
+    from .evaluate import clean_correct, pgd_correct
+
+    x, y = split.tensors()
+    return {
+        "val_clean": clean_correct(model, x, y, batch_size).float().mean().item(),
+        "val_pgd": pgd_correct(model, x, y, threat, batch_size=batch_size).float().mean().item(),
+    }
+
+
+def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: bool = False) -> dict:
+    """Train one stage; return the best validation record. Writes metrics.jsonl, best/state checkpoints."""
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    cfg = stage.cfg
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+    metrics_path = stage.dir / "metrics.jsonl"
+    progress = {"epoch": 0, "step": 0, "best": None, "loss_sum": 0.0, "correct": 0, "seen": 0}
+    if resume and stage.state_path.exists():
+        progress = load_state(stage.state_path, model, opt, sched)
+        log(f"resumed {stage.dir.name} at epoch {progress['epoch']} step {progress['step']}")
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] < progress["epoch"]]
+        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in kept)))
+    else:
+        torch.manual_seed(stage.seed)
+        metrics_path.unlink(missing_ok=True)
+
+    for epoch in range(progress["epoch"], cfg.epochs):
+        t0 = time.time()
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
+        start = progress["step"]
+        bar = tqdm(
+            batches(train, cfg.batch_size, order=order, start=start * cfg.batch_size),
+            total=steps_per_epoch - start,
+            desc=f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None,
+        )
+        try:
+            for x, y in bar:
+                try:
+                    loss, correct = train_step(model, opt, x, y, stage.threat, cfg)
+                except FloatingPointError as e:
+                    raise RunError(
+                        f"training stopped: {e} at epoch {epoch + 1} step {progress['step'] + 1}; "
+                        f"last good checkpoint kept at {stage.state_path if stage.state_path.exists() else stage.dir}"
+                    ) from None
+                sched.step()
+                progress["step"] += 1
+                progress["loss_sum"] += loss * len(y)
+                progress["correct"] += correct
+                progress["seen"] += len(y)
+                if cfg.checkpoint_every and (epoch * steps_per_epoch + progress["step"]) % cfg.checkpoint_every == 0:
+                    save_state(stage.state_path, model, opt, sched, progress)
+        except KeyboardInterrupt:
+            save_state(stage.state_path, model, opt, sched, progress)
+            raise Interrupted(f"interrupted; state saved in {stage.state_path}") from None
+        record = {
+            "epoch": epoch,
+            "train_loss": progress["loss_sum"] / max(1, progress["seen"]),
+            "train_acc": progress["correct"] / max(1, progress["seen"]),
+            "lr": sched.get_last_lr()[0],
+            **validate(model, val, stage.val_threat, stage.eval_batch_size),
+            "seconds": round(time.time() - t0, 2),
+        }
+        if progress["best"] is None or record["val_pgd"] > progress["best"]["val_pgd"]:
+            progress["best"] = record
+            save_checkpoint(model, stage.spec, stage.best_path)
+        log(
+            f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
+            f"train {record['train_acc']:.3f} val clean {record['val_clean']:.3f} val pgd {record['val_pgd']:.3f}"
+        )
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
+        save_state(stage.state_path, model, opt, sched, progress)
+    return progress["best"]
