@@ -70,7 +70,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "vit_base_patch16_224"  # any timm model name
+    backbone: str = ""  # any timm model name; "" = the one named by an advtransfer checkpoint
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
     checkpoint: str = ""  # source weights: our .safetensors, or a .pt/.pth state dict (weights_only)
     pretrained: bool = False  # timm hub weights (needs internet); ignored when checkpoint is set
