@@ -67,14 +67,30 @@ def _make_cifar10(root: Path, per_batch: int = 2, n_test: int = 3) -> Path:
     d.mkdir(parents=True)
     for b in range(1, 6):
         labels = [(b + i) % 10 for i in range(per_batch)]
-        batch = {"batch_label": f"training batch {b} of 5", "labels": labels,
-                 "data": _cifar_images(per_batch, 10 * b), "filenames": [f"img_{b}_{i}.png" for i in range(per_batch)]}
+        batch = {
+            "batch_label": f"training batch {b} of 5",
+            "labels": labels,
+            "data": _cifar_images(per_batch, 10 * b),
+            "filenames": [f"img_{b}_{i}.png" for i in range(per_batch)],
+        }
         _py2_dump(batch, d / f"data_batch_{b}")
-    _py2_dump({"batch_label": "testing batch 1 of 1", "labels": list(range(n_test)), "data": _cifar_images(n_test, 0),
-               "filenames": [f"t{i}.png" for i in range(n_test)]}, d / "test_batch")
-    _py2_dump({"num_cases_per_batch": per_batch, "num_vis": 3072,
-               "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                               "truck"]}, d / "batches.meta")
+    _py2_dump(
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": list(range(n_test)),
+            "data": _cifar_images(n_test, 0),
+            "filenames": [f"t{i}.png" for i in range(n_test)],
+        },
+        d / "test_batch",
+    )
+    _py2_dump(
+        {
+            "num_cases_per_batch": per_batch,
+            "num_vis": 3072,
+            "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        },
+        d / "batches.meta",
+    )
     return d
 
 
@@ -82,11 +98,20 @@ def _make_cifar100(root: Path) -> Path:
     d = root / "cifar-100-python"
     d.mkdir(parents=True)
     for part, n in (("train", 4), ("test", 2)):
-        _py2_dump({"filenames": [f"{part}{i}.png" for i in range(n)], "batch_label": f"{part} batch",
-                   "fine_labels": [99 - i for i in range(n)], "coarse_labels": [19 - i for i in range(n)],
-                   "data": _cifar_images(n, 0)}, d / part)
-    _py2_dump({"fine_label_names": [f"fine{i}" for i in range(100)],
-               "coarse_label_names": [f"coarse{i}" for i in range(20)]}, d / "meta")
+        _py2_dump(
+            {
+                "filenames": [f"{part}{i}.png" for i in range(n)],
+                "batch_label": f"{part} batch",
+                "fine_labels": [99 - i for i in range(n)],
+                "coarse_labels": [19 - i for i in range(n)],
+                "data": _cifar_images(n, 0),
+            },
+            d / part,
+        )
+    _py2_dump(
+        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]},
+        d / "meta",
+    )
     return d
 
 
@@ -279,8 +304,14 @@ def _make_split_file(root: Path, lines: list[str]) -> Path:
     return path
 
 
-GOOD_LINES = ["# path label split", "", "fish/b.png 1 train", "birds/b c.png 0 train", "birds/a.png 0 test",
-              "  fish/a.png 1 test  "]
+GOOD_LINES = [
+    "# path label split",
+    "",
+    "fish/b.png 1 train",
+    "birds/b c.png 0 train",
+    "birds/a.png 0 test",
+    "  fish/a.png 1 test  ",
+]
 
 
 def test_imagefolder_split_file(tmp_path: Path) -> None:
@@ -453,8 +484,14 @@ def _savemat_list(path: Path, files: list[str], labels: list[int]) -> None:
     annotations = np.empty((len(files), 1), dtype=object)
     for i, f in enumerate(files):
         annotations[i, 0] = f.removesuffix(".jpg")
-    savemat(path, {"file_list": cells, "annotation_list": annotations,
-                   "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1)})
+    savemat(
+        path,
+        {
+            "file_list": cells,
+            "annotation_list": annotations,
+            "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1),
+        },
+    )
 
 
 def _make_dogs(root: Path, lists_dir: str = "") -> Path:
@@ -517,10 +554,12 @@ def test_stanford_dogs_errors(tmp_path: Path) -> None:
         load(_cfg("stanford-dogs", tmp_path))
 
 
-@pytest.mark.parametrize("name, make, tv_class", [("cifar10", _make_cifar10, "CIFAR10"),
-                                                  ("cifar100", _make_cifar100, "CIFAR100")])
-def test_cifar_fixture_reads_as_torchvision_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
-                                                     make, tv_class: str) -> None:
+@pytest.mark.parametrize(
+    "name, make, tv_class", [("cifar10", _make_cifar10, "CIFAR10"), ("cifar100", _make_cifar100, "CIFAR100")]
+)
+def test_cifar_fixture_reads_as_torchvision_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, make, tv_class: str
+) -> None:
     """Cross-check the fixture format and our reader against torchvision's (md5 check off: the fixture is tiny)."""
     import torchvision
 

@@ -57,10 +57,32 @@ def _run(args: list[str]) -> int:
 def test_ranli_run_directory(tmp_path, source):
     out = tmp_path / "run"
     assert _run(["run", str(_config(tmp_path, source)), "--out", str(out), *sum((["--set", s] for s in FAST), [])]) == 0
-    for f in ("config.yaml", "env.json", "metrics.jsonl", "best.safetensors", "state.safetensors", "result.json", "log.txt", "masks.safetensors"):
+    for f in (
+        "config.yaml",
+        "env.json",
+        "metrics.jsonl",
+        "best.safetensors",
+        "state.safetensors",
+        "result.json",
+        "log.txt",
+        "masks.safetensors",
+    ):
         assert (out / f).is_file(), f
     card = json.loads((out / "result.json").read_text())
-    for k in ("method", "init", "backbone", "dataset", "seed", "eps", "norm", "clean_acc", "pgd_acc", "autoattack_acc", "n_eval", "flags"):
+    for k in (
+        "method",
+        "init",
+        "backbone",
+        "dataset",
+        "seed",
+        "eps",
+        "norm",
+        "clean_acc",
+        "pgd_acc",
+        "autoattack_acc",
+        "n_eval",
+        "flags",
+    ):
         assert k in card, k
     assert card["eps"] == "0.1" and card["n_eval"] == 32 and card["method"] == "full"
     assert 0 <= card["pgd_acc"] <= card["clean_acc"] <= 1
@@ -74,7 +96,18 @@ def test_ranli_run_directory(tmp_path, source):
 
 def test_roli_two_stages_and_head_transfer(tmp_path, source):
     out = tmp_path / "roli"
-    assert _run(["run", str(_config(tmp_path, source, init="roli")), "--out", str(out), *sum((["--set", s] for s in FAST), [])]) == 0
+    assert (
+        _run(
+            [
+                "run",
+                str(_config(tmp_path, source, init="roli")),
+                "--out",
+                str(out),
+                *sum((["--set", s] for s in FAST), []),
+            ]
+        )
+        == 0
+    )
     assert (out / "stage1" / "result.json").is_file() and (out / "stage2" / "result.json").is_file()
     top = json.loads((out / "result.json").read_text())
     assert top == json.loads((out / "stage2" / "result.json").read_text())
@@ -106,5 +139,7 @@ def test_bad_config_exit_2(tmp_path, source, capsys):
 
 def test_every_subcommand_has_help():
     for cmd in ([], ["demo"], ["run"], ["pretrain"], ["eval"], ["methods"], ["report"], ["fetch-data"]):
-        p = subprocess.run([sys.executable, "-m", "advtransfer", *cmd, "--help"], capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "advtransfer", *cmd, "--help"], capture_output=True, text=True, timeout=120
+        )
         assert p.returncode == 0 and "usage: advtransfer" in p.stdout, cmd

@@ -48,7 +48,7 @@ def parse_eps(value: str | float | int) -> float:
         raise UserError(f"eps: expected a number or a fraction like '8/255', got {value!r}")
     try:
         eps = float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise UserError(f"eps: expected a number or a fraction like '8/255', got {value!r}") from None
     if not math.isfinite(eps):
         raise UserError(f"eps: must be finite, got {value!r}")
@@ -169,15 +169,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"config: '{where}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise UserError(f"config: '{where}' must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config: '{where}' must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise UserError(f"config: '{where}' is too large, got {value!r}") from None
         if not math.isfinite(value):
             raise UserError(f"config: '{where}' must be finite, got {value!r}")
-        return float(value)
+        return value
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise UserError(f"config: '{where}' must be a string, got {value!r}")
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:  # an int beyond Python's str-conversion digit limit
+            raise UserError(f"config: '{where}' is too long a number") from None
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"config: '{where}' must be a mapping, got {value!r}")
@@ -235,31 +247,46 @@ def parse_set(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set: bad key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError):  # e.g. the date 2001-13-45, a 5000-digit int
         value = raw
     if isinstance(value, (dict, list)) or value is None:
         value = raw if value is None else value
     return [p.strip() for p in parts], value
 
 
-def _apply_set(tree: dict, cls: type, parts: list[str], value: Any, full: str) -> None:
+def _apply_set(tree: dict, cls: type, parts: list[str], value: Any, full: str, prefix: str = "", raw: str = "") -> None:
+    """Set ``parts`` in ``tree``. A string field takes the ``raw`` text when YAML read it as something else
+    (``name=2024-01-01`` is not a date, ``attack.eps=0.10`` stays ``"0.10"``, ``name=012`` is not octal 10)."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     head = parts[0]
     if head not in names:
-        raise UserError(f"--set: unknown key '{full}'")
+        close = difflib.get_close_matches(head, list(names), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise UserError(f"--set: unknown key '{full}'{hint}")
     tp = hints[head]
     if len(parts) == 1:
+        if tp is str and raw and not isinstance(value, (str, dict, list)):
+            value = raw
         tree[head] = value
     elif dataclasses.is_dataclass(tp):
-        _apply_set(tree.setdefault(head, {}), tp, parts[1:], value, full)
+        _apply_set(_subtree(tree, head), tp, parts[1:], value, full, f"{prefix}{head}.", raw)
     elif tp is dict or typing.get_origin(tp) is dict:  # free-form options: any sub-key
-        sub = tree.setdefault(head, {})
+        sub = _subtree(tree, head)
         for p in parts[1:-1]:
-            sub = sub.setdefault(p, {})
+            sub = _subtree(sub, p)
         sub[parts[-1]] = value
     else:
         raise UserError(f"--set: '{'.'.join(parts[:1])}' in '{full}' has no sub-keys")
+
+
+def _subtree(tree: dict, key: str) -> dict:
+    """``tree[key]`` as a dict to set into; a scalar an earlier override put there is replaced (later wins)."""
+    if not isinstance(tree.get(key), dict):
+        tree[key] = {}
+    else:
+        tree[key] = dict(tree[key])  # copy: never mutate the caller's base or the loaded YAML
+    return tree[key]
 
 
 def load_config(
@@ -277,8 +304,10 @@ def load_config(
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark is not None else ""
             raise UserError(f"config: {p} is not valid YAML{at}") from None
-        except UnicodeDecodeError:
+        except UnicodeDecodeError:  # before ValueError, its base class
             raise UserError(f"config: {p} is not a text file") from None
+        except (ValueError, OverflowError) as e:  # a YAML scalar its constructor rejects, e.g. 2001-13-45
+            raise UserError(f"config: {p} holds a value YAML cannot read: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -286,7 +315,8 @@ def load_config(
         tree = _merge(tree, loaded)
     for item in overrides:
         parts, value = parse_set(item)
-        _apply_set(tree, RunConfig, parts, value, item.split("=", 1)[0].strip())
+        key, raw = item.split("=", 1)
+        _apply_set(tree, RunConfig, parts, value, key.strip(), raw=raw.strip())
     cfg = from_dict(RunConfig, tree)
     validate(cfg)
     return cfg
@@ -317,13 +347,16 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"config: {name}.batch_size must be >= 1, got {t.batch_size}")
         if t.lr <= 0:
             raise UserError(f"config: {name}.lr must be > 0, got {t.lr}")
-        if t.weight_decay < 0:
-            raise UserError(f"config: {name}.weight_decay must be >= 0, got {t.weight_decay}")
+        for key in ("weight_decay", "momentum", "warmup_epochs", "trades_beta", "grad_clip", "checkpoint_every"):
+            if getattr(t, key) < 0:
+                raise UserError(f"config: {name}.{key} must be >= 0, got {getattr(t, key)}")
     for key in ("val_pgd_steps", "pgd_steps", "pgd_restarts", "batch_size"):
         if getattr(cfg.eval, key) < 1:
             raise UserError(f"config: eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
     if cfg.eval.aa_version not in ("standard", "custom"):
         raise UserError(f"config: eval.aa_version must be 'standard' or 'custom', got {cfg.eval.aa_version!r}")
-    for key in ("n_train", "n_val", "n_test"):
+    if cfg.eval.n_autoattack < 0:
+        raise UserError(f"config: eval.n_autoattack must be >= 0, got {cfg.eval.n_autoattack}")
+    for key in ("n_train", "n_val", "n_test", "image_size", "workers"):
         if getattr(cfg.data, key) < 0:
             raise UserError(f"config: data.{key} must be >= 0, got {getattr(cfg.data, key)}")

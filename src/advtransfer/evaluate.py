@@ -8,6 +8,7 @@ classes, Square with 5000 queries. The model is evaluated in ``eval()`` mode and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from torch import nn
 
 from .attacks import Threat, pgd
 from .errors import UserError
+from .models import atomic_write
 
 ATTACKS = ("clean", "pgd", "autoattack")
 AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
@@ -68,7 +70,13 @@ def autoattack_correct(
     batch_size: int = 256,
     state_path: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example AutoAttack mask and adversarial images. ``state_path`` makes it resumable."""
+    """Per-example AutoAttack mask (True = robust) and adversarial images; resumable via ``state_path``.
+
+    The attacks of the chosen version run one after another, each on the examples still robust, exactly
+    as ``run_standard_evaluation`` does, so the mask is the per-example worst case. We drive the sequence
+    ourselves (one attack per call) because pyautoattack 0.2.0's own state file cannot be reloaded (it
+    writes the attack set as a Python repr); our JSON state records the mask after every finished attack.
+    """
     from pyautoattack import AutoAttack
 
     if version == "custom":
@@ -79,16 +87,51 @@ def autoattack_correct(
     was = model.training
     model.eval()
     try:
-        aa = AutoAttack(model, eps=eps, norm=norm, seed=seed, version=version, device=x.device,
-                        attacks=list(attacks) if version == "custom" else None)  # fmt: skip
+        custom = list(attacks) if version == "custom" else None
+        aa = AutoAttack(model, eps=eps, norm=norm, seed=seed, version=version, device=x.device, attacks=custom)
         aa.verbose = False
         k = num_classes or int(model(x[:1]).shape[1])
         aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, k - 1)
         aa.fab.n_target_classes = min(aa.fab.n_target_classes, k - 1)
-        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
+        sequence = list(aa.attacks_to_run)
+        state = _load_aa_state(state_path, sequence, len(x))
+        if state is None:
+            robust0 = clean_correct(model, x, y, batch_size).tolist()
+            state = {"attacks": sequence, "done": [], "robust": robust0, "per_attack": {}}
+            _save_aa_state(state_path, state)
+        robust = torch.tensor(state["robust"], dtype=torch.bool)
+        x_adv = x.clone()
+        for attack in sequence:
+            if attack in state["done"]:
+                continue
+            idx = robust.nonzero().squeeze(1)
+            if len(idx):
+                aa.attacks_to_run = [attack]
+                adv, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
+                broken = ~clean_correct(model, adv, y[idx], batch_size)
+                robust[idx[broken]] = False
+                x_adv[idx[broken]] = adv[broken]
+            state["done"].append(attack)
+            state["robust"] = robust.tolist()
+            state["per_attack"][attack] = robust.float().mean().item()
+            _save_aa_state(state_path, state)
     finally:
         model.train(was)
-    return clean_correct(model, x_adv, y, batch_size) & clean_correct(model, x, y, batch_size), x_adv
+    return robust, x_adv
+
+
+def _load_aa_state(path: Path | None, sequence: list[str], n: int) -> dict | None:
+    if path is None or not Path(path).exists():
+        return None
+    state = json.loads(Path(path).read_text())
+    if state.get("attacks") != sequence or len(state.get("robust", [])) != n:
+        raise UserError(f"eval: AutoAttack state {path} belongs to another evaluation (attacks or n differ)")
+    return state
+
+
+def _save_aa_state(path: Path | None, state: dict) -> None:
+    if path is not None:
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
 
 def _noise(p: float, n: int) -> float:
@@ -235,45 +278,52 @@ def evaluate(
     threat = Threat(eps, norm, pgd_steps, pgd_step_size)
     n = len(images)
     res: dict = {"n": n, "eps": eps, "norm": norm, "seed": seed, "masks": {}}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clean = clean_correct(model, images, labels, batch_size)
-        if "clean" in attacks:
-            res["masks"]["clean"] = clean
-        if "pgd" in attacks:
-            mask = (
-                pgd_correct(model, images, labels, threat, restarts=pgd_restarts, loss=pgd_loss, batch_size=batch_size)
-                & clean
-            )
-            res["masks"]["pgd"] = mask
-            res["pgd_settings"] = {
-                "steps": pgd_steps,
-                "step_size": threat.alpha,
-                "restarts": pgd_restarts,
-                "loss": pgd_loss,
-            }
-        if "autoattack" in attacks:
-            import pyautoattack
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clean = clean_correct(model, images, labels, batch_size)
+            if "clean" in attacks:
+                res["masks"]["clean"] = clean
+            if "pgd" in attacks:
+                mask = (
+                    pgd_correct(
+                        model, images, labels, threat, restarts=pgd_restarts, loss=pgd_loss, batch_size=batch_size
+                    )
+                    & clean
+                )
+                res["masks"]["pgd"] = mask
+                res["pgd_settings"] = {
+                    "steps": pgd_steps,
+                    "step_size": threat.alpha,
+                    "restarts": pgd_restarts,
+                    "loss": pgd_loss,
+                }
+            if "autoattack" in attacks:
+                import pyautoattack
 
-            mask, _ = autoattack_correct(
-                model, images, labels, eps=eps, norm=norm, num_classes=num_classes, version=aa_version,
-                attacks=aa_attacks, seed=seed, batch_size=batch_size, state_path=aa_state,
-            )  # fmt: skip
-            res["masks"]["autoattack"] = mask
-            res["autoattack_settings"] = {
-                "version": aa_version,
-                "standard": aa_version == "standard",
-                "attacks": list(aa_attacks) if aa_version == "custom" else ["apgd-ce", "apgd-t", "fab-t", "square"],
-                "library": f"pyautoattack {pyautoattack.__version__}",
-            }
-        for key, mask in res["masks"].items():
-            res[key] = mask.float().mean().item()
-        flags = []
-        if checks:
-            flags = model_flags(model, images, labels, was_training) + result_flags(res, n)
-            if "pgd" in res:
-                flags += attack_strength_flags(model, images, labels, threat, res["pgd"], num_classes or 10, batch_size)
-    res["flags"] = flags
+                mask, _ = autoattack_correct(
+                    model, images, labels, eps=eps, norm=norm, num_classes=num_classes, version=aa_version,
+                    attacks=aa_attacks, seed=seed, batch_size=batch_size, state_path=aa_state,
+                )  # fmt: skip
+                res["masks"]["autoattack"] = mask
+                res["autoattack_settings"] = {
+                    "version": aa_version,
+                    "standard": aa_version == "standard",
+                    "attacks": list(aa_attacks) if aa_version == "custom" else ["apgd-ce", "apgd-t", "fab-t", "square"],
+                    "library": f"pyautoattack {pyautoattack.__version__}",
+                }
+            for key, mask in res["masks"].items():
+                res[key] = mask.float().mean().item()
+            flags = []
+            if checks:
+                flags = model_flags(model, images, labels, was_training) + result_flags(res, n)
+                if "pgd" in res:
+                    flags += attack_strength_flags(
+                        model, images, labels, threat, res["pgd"], num_classes or 10, batch_size
+                    )
+        res["flags"] = flags
+    finally:
+        model.train(was_training)
     return res
 
 
@@ -287,20 +337,17 @@ def sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list
             continue
         r = evaluate(model, images, labels, eps=eps, checks=False, **kwargs)
         points.append({"eps": eps, **{k: r[k] for k in ("clean", "pgd", "autoattack") if k in r}})
+    return {"points": points, "flags": sweep_flags(points, len(images))}
+
+
+def sweep_flags(points: list[dict], n: int) -> list[dict]:
+    """Flag any rise of robust accuracy with a larger ε beyond noise (AutoAttack if every point has it)."""
+    attacked = [p for p in points if p["eps"] > 0]
+    key = "autoattack" if attacked and all("autoattack" in p for p in attacked) else "pgd"
     flags = []
-    key = (
-        "autoattack"
-        if all("autoattack" in p for p in points if p["eps"] > 0) and any(p["eps"] > 0 for p in points)
-        else "pgd"
-    )
-    accs = [p.get(key, p.get("pgd")) for p in points]
-    n = len(images)
-    for (e0, a0), (e1, a1) in zip(zip(eps_list, accs), zip(eps_list[1:], accs[1:])):
-        if e1 > e0 and a1 > a0 + _noise(a0, n):
-            flags.append(
-                {
-                    "flag": "accuracy_not_decreasing_in_eps",
-                    "detail": f"{key} {a1:.3f} at eps={e1:g} > {a0:.3f} at eps={e0:g}",
-                }
-            )
-    return {"points": points, "flags": flags}
+    for a, b in zip(points, points[1:]):
+        acc_a, acc_b = a.get(key, a["pgd"]), b.get(key, b["pgd"])
+        if b["eps"] > a["eps"] and acc_b > acc_a + _noise(acc_a, n):
+            detail = f"{key} {acc_b:.3f} at eps={b['eps']:g} > {acc_a:.3f} at eps={a['eps']:g}"
+            flags.append({"flag": "accuracy_not_decreasing_in_eps", "detail": detail})
+    return flags

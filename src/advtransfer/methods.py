@@ -10,13 +10,48 @@ parameters have ``requires_grad=False`` so autograd never does work for them.
 | full    | everything                                                  | yes              |
 | bias    | every bias term                                             | yes              |
 | lora    | LoRA factors (peft) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2   | yes (B = 0)      |
-| peft    | any peft tuner for nn.Linear/Conv2d, by ``tuner`` name      | tuner-dependent  |
+| peft    | a peft tuner (``tuner`` option, see below)                  | yes (see below)  |
 | adapter | bottleneck residual after each block's MLP (up = 0)         | yes              |
 | vpt     | prompt tokens after the class token (shallow or deep)       | no: prompts join attention |
 
 VPT cannot be the identity at init: its prompt tokens take part in every softmax attention. Its
 tests check instead that the base tokens are untouched with zero prompts and that prompts are dropped
 before the head.
+
+Where methods apply: every method works on timm ViTs; on Swin and ConvNeXt all but ``vpt`` (needs a
+``VisionTransformer``); on ResNets ``linear``, ``full``, ``bias``, ``lora`` and the conv-capable tuners
+(targets ``conv1/conv2/conv3``), not ``adapter`` (no MLP) nor ``vpt``. Where a method does not apply it
+raises ``UserError``.
+
+peft tuners (``TUNERS``), injected in place with ``peft.inject_adapter_in_model`` on the targets
+(default: the transformer linears, else the ResNet convs). Each was checked (``tests/test_methods.py``) to be
+the identity at init (logits within 1e-6), to give every new parameter a non-zero gradient and move it
+within two adversarial training steps, and to survive a safetensors save/load round trip bit-exactly:
+
+| tuner     | defaults set here (peft's otherwise)                        | layers            |
+|-----------|-------------------------------------------------------------|-------------------|
+| lora      | —                                                           | Linear, Conv2d    |
+| loha      | —                                                           | Linear, Conv2d    |
+| lokr      | —                                                           | Linear, Conv2d    |
+| ia3       | ``feedforward_modules`` = ``mlp.fc2`` (peft has no default)  | Linear, Conv2d    |
+| oft       | — (block size 32, adjusted per layer by peft)               | Linear, 1x1 Conv2d|
+| boft      | ``boft_block_size`` = largest divisor <= 4 of every fan-in  | Linear, Conv2d    |
+| fourierft | ``init_weights=True`` (zero spectrum: identity at init), ``n_frequency`` <= smallest weight | Linear |
+| hra       | —                                                           | Linear, Conv2d    |
+| randlora  | ``save_projection=False`` (bases regenerated from their seed) | Linear          |
+
+(``oft``: giving ``r`` alone sets ``oft_block_size=0``, since peft takes exactly one of the two.)
+
+Not supported:
+- ``vera``: peft refuses ``inject_adapter_in_model`` for VeRA (its shared random projections are state of
+  the tuner object, kept only by ``get_peft_model``'s ``PeftModel`` wrapper, which would break the
+  one-model contract). Asking for it is a ``UserError`` that says so.
+- ``oft`` on convolutions larger than 1x1 (ResNets): peft's OFT ``Conv2d`` rotates unfolded patches and
+  folds them back with ``F.fold``, which sums overlapping patches, so even the zero rotation changes the
+  output (not identity at init). Refused with a ``UserError``; 1x1 convs (ConvNeXt MLPs) are fine.
+- ``fourierft`` and ``randlora`` on convolutions: peft implements them for ``nn.Linear`` only (``UserError``).
+- peft's default FourierFT (random spectrum) is not the identity at init; RandLoRA's default
+  (``save_projection=True``) stores one basis tensor shared by all layers, which safetensors refuses to save.
 """
 
 from __future__ import annotations
@@ -75,14 +110,18 @@ def _peft_configs() -> dict[str, type]:
         "ia3": peft.IA3Config,
         "oft": peft.OFTConfig,
         "boft": peft.BOFTConfig,
-        "vera": peft.VeraConfig,
         "fourierft": peft.FourierFTConfig,
         "hra": peft.HRAConfig,
         "randlora": peft.RandLoraConfig,
     }
 
 
-TUNERS = ("lora", "loha", "lokr", "ia3", "oft", "boft", "vera", "fourierft", "hra", "randlora")
+TUNERS = ("lora", "loha", "lokr", "ia3", "oft", "boft", "fourierft", "hra", "randlora")
+UNSUPPORTED_TUNERS = {
+    "vera": "peft refuses to inject VeRA in place (its shared random projections live on the tuner object, "
+    "which only get_peft_model keeps); wrapping the model in a PeftModel would break the one-model contract",
+}
+LINEAR_ONLY = ("fourierft", "randlora")  # peft implements these for nn.Linear only
 
 
 def _target_regex(model: Classifier, targets: tuple[str, ...] | list[str] | None) -> str:
@@ -99,22 +138,84 @@ def _target_regex(model: Classifier, targets: tuple[str, ...] | list[str] | None
     )
 
 
+def _fan_in(layer: nn.Module) -> int:
+    """The input dimension a peft rotation acts on: ``in_features``, or ``in_channels * kh * kw`` for a conv."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels * math.prod(layer.kernel_size)
+    return layer.in_features
+
+
+def _tuner_defaults(tuner: str, layers: dict[str, nn.Module], options: dict) -> dict:
+    """Default options that make ``tuner`` valid on these layers and the identity at init (user options win).
+
+    - ia3: the MLP's second linear (``mlp.fc2``) is the feed-forward layer whose *input* is scaled (as in the paper).
+    - oft: giving ``r`` alone means ``oft_block_size=0`` (peft wants exactly one of the two).
+    - boft: block size = the largest divisor (<= 4, peft's default) of every target's fan-in.
+    - fourierft: zero spectrum (peft's default is random, which is not the identity at init) and at most as many
+      frequencies as the smallest target weight has entries (peft's default 1000).
+    - randlora: the random bases are not saved (peft stores one tensor shared by every layer, which safetensors
+      refuses); peft regenerates them from ``projection_prng_key`` with torch's CPU generator when a checkpoint
+      is loaded (the round trip is bit-exact, tested).
+    """
+    if tuner == "ia3":
+        return {"feedforward_modules": r"(.*\.)?mlp\.fc2"}
+    if tuner == "oft" and "r" in options and "oft_block_size" not in options:
+        return {"oft_block_size": 0}
+    if tuner == "boft" and "boft_block_num" not in options:
+        g = math.gcd(*(_fan_in(m) for m in layers.values()))
+        return {"boft_block_size": max(b for b in (1, 2, 3, 4) if g % b == 0)}
+    if tuner == "fourierft":
+        smallest = min(m.weight.numel() for m in layers.values())
+        return {"init_weights": True, "n_frequency": min(1000, smallest)}
+    if tuner == "randlora":
+        return {"save_projection": False}
+    return {}
+
+
+def _check_layers(tuner: str, layers: dict[str, nn.Module]) -> None:
+    """Refuse layer types a tuner cannot handle (peft would fail obscurely, or, for OFT, silently)."""
+    other = [f"{n} ({type(m).__name__})" for n, m in layers.items() if not isinstance(m, (nn.Linear, nn.Conv2d))]
+    if other:
+        raise UserError(f"method: peft targets must be nn.Linear or nn.Conv2d layers, not {other[0]}")
+    convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
+    if tuner in LINEAR_ONLY and convs:
+        raise UserError(f"method: peft tuner {tuner} supports nn.Linear only, but targets convolutions ({convs[0]})")
+    wide = [n for n in convs if math.prod(layers[n].kernel_size) > 1]
+    if tuner == "oft" and wide:
+        # peft's OFT Conv2d rotates unfolded patches and folds them back, which sums overlapping patches:
+        # for a kernel larger than 1x1 even the zero rotation changes the output (measured: not identity at init)
+        raise UserError(f"method: peft's OFT is not the identity at init on convolutions larger than 1x1 ({wide[0]})")
+
+
 def peft_tuner(model: Classifier, tuner: str = "lora", targets: list[str] | None = None, **options) -> None:
     """Inject any peft tuner into the backbone's linears (names in ``targets``); its new weights + head train.
 
-    ``options`` go to the tuner's peft config (e.g. ``r``, ``lora_alpha`` for LoRA; ``r`` for LoHa).
+    ``options`` go to the tuner's peft config (e.g. ``r``, ``lora_alpha`` for LoRA; ``r`` for LoHa) and override
+    the defaults of ``_tuner_defaults``.
     """
     import peft
 
     configs = _peft_configs()
+    if tuner in UNSUPPORTED_TUNERS:
+        raise UserError(f"method: peft tuner {tuner} is not supported: {UNSUPPORTED_TUNERS[tuner]}")
     if tuner not in configs:
         raise UserError(f"method: unknown peft tuner {tuner!r}; known: {', '.join(configs)}")
+    rx = _target_regex(model, targets)
+    layers = {n: m for n, m in model.backbone.named_modules() if re.fullmatch(rx, n)}
+    _check_layers(tuner, layers)
+    options = {**_tuner_defaults(tuner, layers, options), **options}
     try:
-        config = configs[tuner](target_modules=_target_regex(model, targets), **options)
+        config = configs[tuner](target_modules=rx, **options)
     except (TypeError, ValueError) as e:
         raise UserError(f"method: bad options for peft tuner {tuner}: {str(e).splitlines()[0]}") from None
     before = {id(p) for p in model.parameters()}
-    peft.inject_adapter_in_model(config, model.backbone)
+    try:
+        peft.inject_adapter_in_model(config, model.backbone)
+    except (TypeError, ValueError) as e:
+        raise UserError(
+            f"method: peft tuner {tuner} cannot be applied to {type(model.backbone).__name__} with {options}: "
+            f"{str(e).strip().splitlines()[0]}"
+        ) from None
     _freeze(model)
     for p in model.parameters():
         if id(p) not in before:
@@ -144,14 +245,18 @@ def merge_tuners(model: Classifier) -> Classifier:
 
 
 class Adapter(nn.Module):
-    """``y = mlp(x); y + scale * up(act(down(y)))`` — up zero-initialised (identity at init), down random."""
+    """``y = mlp(x); y + scale * up(act(down(y)))`` — up zero-initialised (identity at init), down random.
 
-    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float) -> None:
+    ``conv=True`` for MLPs of 1x1 convolutions on ``NCHW`` maps (ConvNeXt with ``conv_mlp``): down/up are then
+    1x1 convolutions too, with the same parameters as the linear version.
+    """
+
+    def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float, conv: bool = False) -> None:
         super().__init__()
         self.mlp = mlp
-        self.down = nn.Linear(dim, bottleneck)
+        self.down = nn.Conv2d(dim, bottleneck, 1) if conv else nn.Linear(dim, bottleneck)
         self.act = nn.GELU()
-        self.up = nn.Linear(bottleneck, dim)
+        self.up = nn.Conv2d(bottleneck, dim, 1) if conv else nn.Linear(bottleneck, dim)
         self.scale = scale
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
@@ -163,6 +268,8 @@ class Adapter(nn.Module):
 
 def adapter(model: Classifier, bottleneck: int = 64, scale: float = 1.0) -> None:
     """Houlsby-style bottleneck adapter after every transformer block's MLP; adapters + head train."""
+    if bottleneck < 1:
+        raise UserError(f"method: adapter bottleneck must be >= 1, got {bottleneck}")
     _freeze(model)
     mlps = [(n, m) for n, m in model.backbone.named_modules() if n.endswith("mlp") and hasattr(m, "fc2")]
     if not mlps:
@@ -172,8 +279,9 @@ def adapter(model: Classifier, bottleneck: int = 64, scale: float = 1.0) -> None
     for name, mlp in mlps:
         parent, _, attr = name.rpartition(".")
         owner = model.backbone.get_submodule(parent) if parent else model.backbone
-        dim = mlp.fc2.out_features if hasattr(mlp.fc2, "out_features") else mlp.fc2.out_channels
-        wrapped = Adapter(mlp, dim, bottleneck, scale)
+        conv = isinstance(mlp.fc2, nn.Conv2d)
+        dim = mlp.fc2.out_channels if conv else mlp.fc2.out_features
+        wrapped = Adapter(mlp, dim, bottleneck, scale, conv=conv)
         setattr(owner, attr, wrapped)
         for p in (*wrapped.down.parameters(), *wrapped.up.parameters()):
             p.requires_grad_(True)

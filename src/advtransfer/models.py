@@ -150,7 +150,11 @@ def read_spec(path: Path) -> ModelSpec:
         raise UserError(f"checkpoint: {path} is not a readable safetensors file ({e})") from None
     if META_KEY not in meta:
         raise UserError(f"checkpoint: {path} has no advtransfer metadata (not written by advtransfer)")
-    return ModelSpec(**json.loads(meta[META_KEY]))
+    try:
+        fields = json.loads(meta[META_KEY])
+        return ModelSpec(**fields)
+    except (ValueError, TypeError) as e:  # not JSON, not a mapping, or keys ModelSpec does not have
+        raise UserError(f"checkpoint: {path} has unreadable advtransfer metadata ({e})") from None
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -84,13 +84,16 @@ class RunDir:
 
 
 def _alive(pid: int) -> bool:
+    """Whether another live process holds the lock (our own pid counts as stale: a crashed earlier run)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return pid != os.getpid() or True
+    return True
 
 
 def environment() -> dict:

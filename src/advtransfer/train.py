@@ -3,7 +3,7 @@
 Objective (Madry PGD-AT): ``min_θ̂ E max_{‖δ‖≤ε} CE(f(x+δ), y)``; TRADES and natural training too.
 A stage trains the parameters its method marks trainable, validates clean and PGD accuracy on the
 validation split after each epoch, keeps the best checkpoint by validation robust accuracy (as the
-paper does), and saves a resumable state (model, optimiser, scheduler, every RNG, data position).
+paper does; natural training selects by clean accuracy), and saves a resumable state (model, optimiser, scheduler, every RNG, data position).
 bf16 autocast needs no loss scaler, so there is no AMP scaler state to save.
 """
 
@@ -252,7 +252,8 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             **validate(model, val, stage.val_threat, stage.eval_batch_size),
             "seconds": round(time.time() - t0, 2),
         }
-        if progress["best"] is None or record["val_pgd"] > progress["best"]["val_pgd"]:
+        key = "val_clean" if cfg.objective == Objective.NATURAL else "val_pgd"  # natural training: select on clean
+        if progress["best"] is None or record[key] > progress["best"][key]:
             progress["best"] = record
             save_checkpoint(model, stage.spec, stage.best_path)
         log(
