@@ -115,8 +115,8 @@ def test_roli_two_stages_and_head_transfer(tmp_path, source):
     assert "RoLI: head loaded from" in (out / "log.txt").read_text()
     # the stage-2 model before training carries exactly the stage-1 best head
     from advtransfer.config import load_config
-    from advtransfer.pipeline import head_prefix, load_head, make_model, source_spec
     from advtransfer.data import load_splits
+    from advtransfer.pipeline import head_prefix, load_head, make_model, source_spec
 
     cfg = load_config(out / "config.yaml")
     spec = source_spec(cfg, load_splits(cfg.data))

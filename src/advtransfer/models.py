@@ -12,6 +12,7 @@ refused. Missing, unexpected and shape-mismatched keys are reported by name, nev
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -79,8 +80,9 @@ def create_backbone(name: str, kwargs: dict, num_classes: int, pretrained: bool 
         raise UserError(f"model: unknown timm backbone {name!r}")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise UserError(f"model: bad kwargs for {name}: {e}") from None
+    except (TypeError, ValueError, AssertionError) as e:  # timm asserts on shapes (embed_dim % num_heads, ...)
+        why = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model: bad kwargs for {name}: {why}") from None
     except (RuntimeError, OSError) as e:
         if pretrained:
             raise UserError(f"model: cannot load pretrained weights for {name} (needs internet): {e}") from None
@@ -115,7 +117,12 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it."""
+    """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it.
+
+    Any failure removes the temporary file, so ``path`` holds either its old content or the new one, never
+    a part. A full disk (``ENOSPC``, also when safetensors reports it) is raised as ``OSError(ENOSPC)``
+    naming ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -125,14 +132,32 @@ def atomic_write(path: Path, write: Any) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
+
+
+def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors that safetensors accepts: one that shares memory with another (tied weights)
+    or is a view into a larger storage is cloned; the others are written without a copy."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu()
+        storage = v.untyped_storage()
+        whole = v.is_contiguous() and v.storage_offset() == 0 and storage.nbytes() == v.numel() * v.element_size()
+        if not whole or (storage.nbytes() and storage.data_ptr() in seen):
+            v = v.clone(memory_format=torch.contiguous_format)
+        elif storage.nbytes():
+            seen.add(storage.data_ptr())
+        out[k] = v
+    return out
 
 
 def save_checkpoint(model: Classifier, spec: ModelSpec, path: Path) -> None:
     """Model weights + spec metadata as one safetensors file, written atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = plain_tensors(model.state_dict())
     meta = {META_KEY: json.dumps(spec.__dict__)}
     atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
 

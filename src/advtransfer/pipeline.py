@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -40,41 +41,120 @@ from .models import (
 )
 from .train import Stage, fit
 
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
+
 RESULT = "result.json"
 
 
 # ----------------------------------------------------------------------------- run directory
 
 
-class RunDir:
-    """A run directory, locked while in use (a second run into it is refused)."""
+# what a run writes; --overwrite removes exactly these (never other files a user keeps beside them)
+ARTIFACTS = ("result.json", "config.yaml", "env.json", "metrics.jsonl", "best.safetensors", "state.safetensors",
+             "masks.safetensors", "autoattack_state.json", "log.txt", "stage1", "stage2")  # fmt: skip
+LOCK = ".lock"
 
-    def __init__(self, path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+
+class RunDir:
+    """A run directory, locked (``flock`` on ``.lock``) while in use; a second run into it is refused.
+
+    Decides how the run starts: fresh (the directory is new or empty, or ``overwrite`` cleared it) or
+    resumed (``resume`` and a ``config.yaml`` equal to ``config`` is there). A finished run (``result.json``)
+    is only ever replaced with ``overwrite``. The kernel drops the lock when its process dies, so a killed
+    run never leaves a stale one.
+    """
+
+    def __init__(self, path: Path, config: dict, *, resume: bool = False, overwrite: bool = False) -> None:
+        if resume and overwrite:
+            raise UserError("run: --resume and --overwrite contradict each other; choose one")
         self.path = Path(path)
+        self.created = not self.path.exists()
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run: --out {self.path} is a file, not a directory")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"run: cannot create run directory {self.path}: {e.strerror or e}") from None
+        self._fd: int | None = None
+        self._acquire()
+        try:
+            self.resuming = self._decide(config, resume, overwrite)
+        except BaseException:
+            self.release(remove_if_created=True)
+            raise
+
+    def _entries(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if p.name != LOCK]
+
+    def _decide(self, config: dict, resume: bool, overwrite: bool) -> bool:
         if (self.path / RESULT).exists() and not overwrite:
             raise UserError(f"run: {self.path} already holds a finished run (use --overwrite to replace it)")
-        if self.path.exists() and any(self.path.iterdir()) and not (resume or overwrite):
+        entries = self._entries()
+        if overwrite:
+            if entries and not (self.path / "config.yaml").exists():
+                raise UserError(f"run: {self.path} is not a run directory (no config.yaml); refusing to overwrite it")
+            self.clear()
+            return False
+        if resume and (self.path / "config.yaml").exists():
+            try:
+                saved = yaml.safe_load((self.path / "config.yaml").read_text())
+            except (yaml.YAMLError, ValueError) as e:
+                raise UserError(f"run: cannot resume, {self.path / 'config.yaml'} is unreadable ({e})") from None
+            if saved != config:
+                diff = _first_difference(saved, config)
+                raise UserError(f"run: --resume with a config that differs from {self.path / 'config.yaml'} ({diff})")
+            return True
+        if entries and not resume:
             raise UserError(f"run: {self.path} is not empty (use --resume to continue it or --overwrite)")
-        if resume and not (self.path / "config.yaml").exists():
-            raise UserError(f"run: nothing to resume in {self.path} (no config.yaml)")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.lock = self.path / ".lock"
-        self._acquire()
+        if entries:  # --resume, but the run died before it wrote its config: nothing of it is worth keeping
+            if any(p.name not in ARTIFACTS and not p.name.endswith(".tmp") for p in entries):
+                raise UserError(f"run: nothing to resume in {self.path} (no config.yaml) and it holds other files")
+            self.clear()
+        return False
 
     def _acquire(self) -> None:
-        try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = int(self.lock.read_text().strip() or 0) if self.lock.exists() else 0
-            if pid and _alive(pid):
-                raise UserError(f"run: {self.path} is in use by process {pid}") from None
-            self.lock.unlink(missing_ok=True)  # stale lock of a dead process
-            return self._acquire()
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        lock = self.path / LOCK
+        if fcntl is None:  # no flock on this platform: run unlocked
+            return
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"process {holder}" if holder else "another process"
+                raise UserError(f"run: {self.path} is in use by {who} (a run holds its lock)") from None
+            try:  # the holder we waited for may have unlinked the file we locked: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
 
-    def release(self) -> None:
-        self.lock.unlink(missing_ok=True)
+    def clear(self) -> None:
+        """Remove this run's artifacts (and leftover temporary files), nothing else."""
+        for p in self._entries():
+            if p.name in ARTIFACTS or (p.name.startswith(".") and p.name.endswith(".tmp")):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def release(self, remove_if_created: bool = False) -> None:
+        if self._fd is not None:
+            (self.path / LOCK).unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+        if remove_if_created and self.created:
+            try:
+                self.path.rmdir()  # only if empty: never removes anything it did not create
+            except OSError:
+                pass
 
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -83,17 +163,12 @@ class RunDir:
             f.write(line + "\n")
 
 
-def _alive(pid: int) -> bool:
-    """Whether another live process holds the lock (our own pid counts as stale: a crashed earlier run)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _first_difference(a, b, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+    return f"{where or 'config'}: saved {a!r}, now {b!r}"
 
 
 def environment() -> dict:
@@ -256,46 +331,66 @@ def run_stage(
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Execute a run into ``out``; return its result card (also written to ``out/result.json``)."""
+    """Execute a run into ``out``; return its result card (also written to ``out/result.json``).
+
+    ``resume`` continues an interrupted run bit-identically (finished stages and AutoAttack attacks are
+    not redone); ``overwrite`` replaces a finished one. A fresh run that fails on bad input (``UserError``)
+    removes what it wrote; one that fails while running keeps its checkpoints and log, never a result.json.
+    """
     out = Path(out)
     if cfg.method.init == Init.ROLI and cfg.method.name == "linear":
         raise UserError(
             "config: init 'roli' needs a finetuning method other than 'linear' (RoLI's stage 1 is the linear probe)"
         )
-    if resume and (out / "config.yaml").exists():
-        saved = yaml.safe_load((out / "config.yaml").read_text())
-        if saved != to_dict(cfg):
-            raise UserError(f"run: --resume with a config that differs from the one saved in {out / 'config.yaml'}")
-    rd = RunDir(out, resume=resume, overwrite=overwrite)
+    rd = RunDir(out, to_dict(cfg), resume=resume, overwrite=overwrite)
+    discard = False
     try:
-        t0 = time.time()
-        atomic_write(
-            out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        )
-        write_json(out / "env.json", environment())
-        splits = load_splits(cfg.data)
-        rd.log(
-            f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
-        )
-        spec = source_spec(cfg, splits)
-        head_from = None
-        final_dir = out
-        if cfg.method.init == Init.ROLI:
-            head_from = probe_head(cfg, splits, spec, out, rd.log, resume)
-            final_dir = out / "stage2"
-        model, best = run_stage(cfg, splits, spec, final_dir, cfg.train, rd.log, resume, head_from)
-        rd.log(
-            f"best epoch {best['epoch'] + 1}: val clean {best['val_clean']:.4f} val pgd {best['val_pgd']:.4f}; testing"
-        )
-        res = test_eval(model, splits, cfg, final_dir, cfg.eval.autoattack)
-        card = result_card(cfg, spec, model, best, res, time.time() - t0)
-        if final_dir != out:
-            write_json(final_dir / RESULT, card)
-        write_json(out / RESULT, card)
-        rd.log(f"result: clean {card['clean_acc']:.4f} pgd {card['pgd_acc']:.4f} autoattack {card['autoattack_acc']}")
-        return card
+        return _run(cfg, out, rd)
+    except UserError:
+        discard = not rd.resuming
+        if discard:
+            rd.clear()
+        raise
     finally:
-        rd.release()
+        rd.release(remove_if_created=discard)
+
+
+def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
+    t0 = time.time()
+    resume = rd.resuming
+    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    write_json(out / "env.json", environment())
+    if resume:
+        rd.log(f"resuming {out}")
+    splits = load_splits(cfg.data)
+    rd.log(
+        f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
+    )
+    if len(splits.val) == 0:
+        raise UserError("data: the validation split is empty (data.n_val must be >= 1; model selection needs it)")
+    spec = source_spec(cfg, splits)
+    check_channels(spec, splits.train.channels)
+    head_from = None
+    final_dir = out
+    if cfg.method.init == Init.ROLI:
+        head_from = probe_head(cfg, splits, spec, out, rd.log, resume)
+        final_dir = out / "stage2"
+    model, best = run_stage(cfg, splits, spec, final_dir, cfg.train, rd.log, resume, head_from)
+    rd.log(f"best epoch {best['epoch'] + 1}: val clean {best['val_clean']:.4f} val pgd {best['val_pgd']:.4f}; testing")
+    res = test_eval(model, splits, cfg, final_dir, cfg.eval.autoattack)
+    card = result_card(cfg, spec, model, best, res, time.time() - t0)
+    if final_dir != out:
+        write_json(final_dir / RESULT, card)
+    write_json(out / RESULT, card)
+    rd.log(f"result: clean {card['clean_acc']:.4f} pgd {card['pgd_acc']:.4f} autoattack {card['autoattack_acc']}")
+    return card
+
+
+def check_channels(spec: ModelSpec, channels: int) -> None:
+    """Grey images may feed an RGB model (the model repeats the channel); anything else must match."""
+    want = int(spec.kwargs.get("in_chans", 3))
+    if channels != want and channels != 1:
+        raise UserError(f"data: images have {channels} channels but the model takes {want}")
 
 
 def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, log, resume: bool) -> Path:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,8 @@ from tqdm import tqdm
 from .attacks import Threat, autocast, pgd
 from .config import Objective, Optimizer, TrainConfig
 from .data import Split, batches
-from .errors import RunError
-from .models import Classifier, ModelSpec, atomic_write, save_checkpoint
+from .errors import RunError, UserError
+from .models import Classifier, ModelSpec, atomic_write, plain_tensors, save_checkpoint
 
 
 class Interrupted(Exception):
@@ -123,14 +125,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_state(path: Path, model, opt, sched, progress: dict) -> None:
-    """Everything needed to continue bit-identically, as one safetensors file (written atomically)."""
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    """Everything needed to continue bit-identically, as one safetensors file (written atomically).
+
+    Tensors that share memory (tied weights) are stored as separate copies; loading copies them back into
+    the model's own parameters, so the tie survives a resume.
+    """
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     osd = opt.state_dict()
     for pid, st in osd["state"].items():
         for k, v in st.items():
-            tensors[f"optim/{pid}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
+            tensors[f"optim/{pid}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     rng_t, rng_m = rng_state()
     tensors.update(rng_t)
+    tensors = plain_tensors(tensors)
     meta = {
         "progress": progress,
         "param_groups": osd["param_groups"],
@@ -141,23 +148,62 @@ def save_state(path: Path, model, opt, sched, progress: dict) -> None:
 
 
 def load_state(path: Path, model, opt, sched) -> dict:
-    from safetensors import safe_open
+    """Restore what ``save_state`` wrote; a damaged or foreign state file is a ``UserError``."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, name = k.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched_state = sched.state_dict()
-    sched_state.update(meta["scheduler"])
-    sched.load_state_dict(sched_state)
-    set_rng_state(tensors, meta["rng"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["state"])
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"resume: {path} is damaged ({type(e).__name__}); start again with --overwrite") from None
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        sched_state = sched.state_dict()
+        sched_state.update(meta["scheduler"])
+        sched.load_state_dict(sched_state)
+        set_rng_state(tensors, meta["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"resume: {path} does not fit this run ({why}); start again with --overwrite") from None
     return meta["progress"]
+
+
+class StopRequest:
+    """Defers SIGINT/SIGTERM to the next optimiser-step boundary, so the saved state is never half-updated.
+
+    The first signal sets ``requested``; a second one raises ``KeyboardInterrupt`` at once (force quit).
+    Outside the main thread signals cannot be caught and this does nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -196,7 +242,12 @@ def validate(model: Classifier, split: Split, threat: Threat, batch_size: int) -
 
 
 def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: bool = False) -> dict:
-    """Train one stage; return the best validation record. Writes metrics.jsonl, best/state checkpoints."""
+    """Train one stage; return the best validation record. Writes metrics.jsonl, best/state checkpoints.
+
+    ``state.safetensors`` is written every ``cfg.checkpoint_every`` optimiser steps and at every epoch end;
+    with ``resume`` the stage continues from it bit-identically (a finished stage only returns its best
+    record). SIGINT/SIGTERM stop at the next step boundary with the state saved (``Interrupted``).
+    """
     stage.dir.mkdir(parents=True, exist_ok=True)
     cfg = stage.cfg
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -206,62 +257,90 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
     progress = {"epoch": 0, "step": 0, "best": None, "loss_sum": 0.0, "correct": 0, "seen": 0}
     if resume and stage.state_path.exists():
         progress = load_state(stage.state_path, model, opt, sched)
-        log(f"resumed {stage.dir.name} at epoch {progress['epoch']} step {progress['step']}")
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["epoch"] < progress["epoch"]]
-        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in kept)))
+        if progress["epoch"] >= cfg.epochs:
+            log(f"{stage.dir.name}: training already finished ({cfg.epochs} epochs); not retraining")
+            return progress["best"]
+        log(f"resumed {stage.dir.name} at epoch {progress['epoch'] + 1} step {progress['step']}")
+        _write_metrics(metrics_path, [r for r in _read_metrics(metrics_path) if r["epoch"] < progress["epoch"]])
     else:
         torch.manual_seed(stage.seed)
         metrics_path.unlink(missing_ok=True)
 
-    for epoch in range(progress["epoch"], cfg.epochs):
-        t0 = time.time()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
-        start = progress["step"]
-        bar = tqdm(
-            batches(train, cfg.batch_size, order=order, start=start * cfg.batch_size),
-            total=steps_per_epoch - start,
-            desc=f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=None,
-        )
-        try:
-            for x, y in bar:
-                try:
-                    loss, correct = train_step(model, opt, x, y, stage.threat, cfg)
-                except FloatingPointError as e:
-                    raise RunError(
-                        f"training stopped: {e} at epoch {epoch + 1} step {progress['step'] + 1}; "
-                        f"last good checkpoint kept at {stage.state_path if stage.state_path.exists() else stage.dir}"
-                    ) from None
-                sched.step()
-                progress["step"] += 1
-                progress["loss_sum"] += loss * len(y)
-                progress["correct"] += correct
-                progress["seen"] += len(y)
-                if cfg.checkpoint_every and (epoch * steps_per_epoch + progress["step"]) % cfg.checkpoint_every == 0:
-                    save_state(stage.state_path, model, opt, sched, progress)
-        except KeyboardInterrupt:
+    with StopRequest() as stop:
+        for epoch in range(progress["epoch"], cfg.epochs):
+            t0 = time.time()
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
+            start = progress["step"]
+            bar = tqdm(
+                batches(train, cfg.batch_size, order=order, start=start * cfg.batch_size),
+                total=steps_per_epoch - start,
+                desc=f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=None,
+            )
+            try:
+                for x, y in bar:
+                    try:
+                        loss, correct = train_step(model, opt, x, y, stage.threat, cfg)
+                    except FloatingPointError as e:
+                        kept = (
+                            f"last good state kept in {stage.state_path}"
+                            if stage.state_path.exists()
+                            else "no checkpoint was saved yet"
+                        )
+                        raise RunError(
+                            f"training stopped: {e} at epoch {epoch + 1} step {progress['step'] + 1} "
+                            f"(try a smaller {'probe' if stage.dir.name == 'stage1' else 'train'}.lr); {kept}"
+                        ) from None
+                    sched.step()
+                    progress["step"] += 1
+                    progress["loss_sum"] += loss * len(y)
+                    progress["correct"] += correct
+                    progress["seen"] += len(y)
+                    every = cfg.checkpoint_every
+                    if (every and (epoch * steps_per_epoch + progress["step"]) % every == 0) or stop.requested:
+                        save_state(stage.state_path, model, opt, sched, progress)
+                    if stop.requested:
+                        raise Interrupted(f"interrupted; state saved in {stage.state_path}")
+            except KeyboardInterrupt:  # a second Ctrl-C, or no handler (not the main thread): mid-step, unsaved
+                kept = stage.state_path if stage.state_path.exists() else "nothing saved yet"
+                raise Interrupted(f"interrupted mid-step; last saved state kept ({kept})") from None
+            record = {
+                "epoch": epoch,
+                "train_loss": progress["loss_sum"] / max(1, progress["seen"]),
+                "train_acc": progress["correct"] / max(1, progress["seen"]),
+                "lr": sched.get_last_lr()[0],
+                **validate(model, val, stage.val_threat, stage.eval_batch_size),
+                "seconds": round(time.time() - t0, 2),  # wall time: the one field that differs between runs
+            }
+            key = "val_clean" if cfg.objective == Objective.NATURAL else "val_pgd"  # natural training: select on clean
+            if progress["best"] is None or record[key] > progress["best"][key]:
+                progress["best"] = record
+                save_checkpoint(model, stage.spec, stage.best_path)
+            log(
+                f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
+                f"train {record['train_acc']:.3f} val clean {record['val_clean']:.3f} val pgd {record['val_pgd']:.3f}"
+            )
+            _write_metrics(metrics_path, [*_read_metrics(metrics_path), record])
+            progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
             save_state(stage.state_path, model, opt, sched, progress)
-            raise Interrupted(f"interrupted; state saved in {stage.state_path}") from None
-        record = {
-            "epoch": epoch,
-            "train_loss": progress["loss_sum"] / max(1, progress["seen"]),
-            "train_acc": progress["correct"] / max(1, progress["seen"]),
-            "lr": sched.get_last_lr()[0],
-            **validate(model, val, stage.val_threat, stage.eval_batch_size),
-            "seconds": round(time.time() - t0, 2),
-        }
-        key = "val_clean" if cfg.objective == Objective.NATURAL else "val_pgd"  # natural training: select on clean
-        if progress["best"] is None or record[key] > progress["best"][key]:
-            progress["best"] = record
-            save_checkpoint(model, stage.spec, stage.best_path)
-        log(
-            f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
-            f"train {record['train_acc']:.3f} val clean {record['val_clean']:.3f} val pgd {record['val_pgd']:.3f}"
-        )
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
-        save_state(stage.state_path, model, opt, sched, progress)
+            if stop.requested:
+                raise Interrupted(f"interrupted; state saved in {stage.state_path}")
     return progress["best"]
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The complete records of ``metrics.jsonl`` (it is rewritten atomically, so all of them)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line a foreign editor broke: dropped, the state decides what is done
+    return out
+
+
+def _write_metrics(path: Path, records: list[dict]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))

@@ -1,0 +1,243 @@
+"""Speed and memory of adversarial finetuning: advtransfer vs a re-implementation of the reference algorithm.
+
+    python benchmarks/bench.py [--quick] [--json docs/bench.json]
+
+Everything is measured in this run, on the same model, batch and data, so the ratios are like for like.
+Each case runs in a fresh spawned process (clean peak-RSS reading); inside it: warm-up iterations, then
+the median of repeated timed iterations.
+
+The *reference algorithm* (our own re-implementation of what the paper's code does): fp32; every PGD
+step calls ``loss.backward()`` (weight gradients included, then thrown away); the best iterate is picked
+by batch-mean loss; one extra final forward scores the last iterate; then the training step.
+Ours: input-only gradients (``torch.autograd.grad`` w.r.t. δ), frozen parameters outside autograd,
+optionally bf16 autocast for attack + step (``train.bf16``) and channels_last for ConvNets.
+
+The last lines printed are ``name=value`` figures (geometric means over the models for Full-FT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {
+    # name: (timm name, kwargs, input channels, input px, batch, timed iterations)
+    "minivit28": ("vit_tiny_patch16_224", dict(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0), 1, 28, 128, 10),
+    "vit_tiny224": ("vit_tiny_patch16_224", {}, 3, 224, 8, 3),
+    "resnet18_32": ("resnet18", {}, 3, 32, 64, 5),
+}  # fmt: skip
+METHODS = ("full", "linear", "lora", "vpt")
+EPS, STEPS = 8 / 255, 7
+
+
+def reference_train_step(model, opt, x, y, eps: float, alpha: float, steps: int) -> float:
+    """The reference algorithm: fp32, full .backward() per PGD step, best iterate by batch-mean loss."""
+    model.eval()
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    delta = (x + delta).clamp(0, 1) - x
+    best, best_loss = None, -math.inf
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        opt.zero_grad()
+        loss.backward()  # computes (and wastes) every trainable weight's gradient
+        if loss.item() > best_loss:
+            best_loss, best = loss.item(), (x + delta).detach()
+        with torch.no_grad():
+            delta = (delta + alpha * delta.grad.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+    with torch.no_grad():  # the extra final forward: score the last iterate too
+        if F.cross_entropy(model(x + delta), y).item() > best_loss:
+            best = (x + delta).detach()
+    model.train()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(best), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _build(model_name: str, method: str):
+    from advtransfer.methods import apply_method
+    from advtransfer.models import ModelSpec, build
+
+    timm_name, kwargs, chans, px, *_ = MODELS[model_name]
+    torch.manual_seed(0)
+    spec = ModelSpec(timm_name, dict(kwargs), 10, input_size=[px, px])
+    model = build(spec)
+    opts = {"num_prompts": 10} if method == "vpt" else {}
+    apply_method(model, method, opts)
+    x = torch.rand(MODELS[model_name][4], chans, px, px)
+    y = torch.randint(0, 10, (len(x),))
+    return model, x, y
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def case_train(model_name: str, method: str, impl: str, iters: int) -> dict:
+    from advtransfer.attacks import Threat
+    from advtransfer.config import TrainConfig
+    from advtransfer.train import make_optimizer, train_step
+
+    model, x, y = _build(model_name, method)
+    if impl == "ours_cl":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    cfg = TrainConfig(lr=1e-4, bf16=impl == "ours_bf16")
+    opt = make_optimizer(model, cfg)
+    threat = Threat(EPS, "Linf", STEPS)
+    if impl == "reference":
+        step = lambda: reference_train_step(model, opt, x, y, EPS, EPS / 4, STEPS)  # noqa: E731
+    else:
+        step = lambda: train_step(model, opt, x, y, threat, cfg)  # noqa: E731
+    sec = _time(step, warmup=1, iters=iters)
+    return {"seconds": sec, "img_per_s": len(x) / sec}
+
+
+def case_pgd_eval(model_name: str, impl: str, iters: int) -> dict:
+    from advtransfer.attacks import Threat
+    from advtransfer.evaluate import pgd_correct
+
+    model, x, y = _build(model_name, "linear")
+    model.eval()
+    if impl == "torchattacks":
+        import torchattacks
+
+        atk = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
+
+        def run():
+            adv = atk(x, y)
+            with torch.no_grad():
+                return model(adv).argmax(1) == y
+    else:
+        threat = Threat(EPS, "Linf", 10)
+
+        def run():
+            return pgd_correct(model, x, y, threat, batch_size=len(x))
+
+    sec = _time(run, warmup=1, iters=iters)
+    return {"seconds": sec, "img_per_s": len(x) / sec}
+
+
+def case_autoattack(n: int) -> dict:
+    from advtransfer.evaluate import autoattack_correct
+
+    model, x, y = _build("minivit28", "linear")
+    model.eval()
+    t = time.perf_counter()
+    autoattack_correct(model, x[:n], y[:n], eps=EPS, seed=0, batch_size=n)
+    sec = time.perf_counter() - t
+    return {"seconds": sec, "img_per_s": n / sec}
+
+
+def _worker(kind: str, args: tuple, q) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args[-1])
+    fn = {"train": case_train, "pgd": case_pgd_eval, "aa": case_autoattack}[kind]
+    res = fn(*args[:-1])
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put(res)
+
+
+def run_case(kind: str, *args, threads: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(kind, (*args, threads), q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in xs) / len(xs)) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="mini-ViT only, fewer iterations")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default="", help="also write all figures to this JSON file")
+    args = ap.parse_args()
+    models = ["minivit28"] if args.quick else list(MODELS)
+    rows, figures = [], {}
+    print(f"torch {torch.__version__}, {args.threads} threads, eps {EPS:.4f}, PGD-{STEPS} training, PGD-10 eval")
+    print(f"{'model':<12} {'method':<7} {'impl':<10} {'img/s':>8} {'ms/step':>9} {'peak MB':>8}  ratio vs reference")
+    for m in models:
+        iters = 3 if args.quick else MODELS[m][5]
+        for method in METHODS:
+            if method == "vpt" and m.startswith("resnet"):
+                continue
+            impls = ["reference", "ours_fp32", "ours_bf16"] + (["ours_cl"] if m.startswith("resnet") else [])
+            ref = None
+            for impl in impls:
+                r = run_case("train", m, method, impl, iters, threads=args.threads)
+                ref = ref or r["seconds"]
+                ratio = ref / r["seconds"]
+                rows.append({"model": m, "method": method, "impl": impl, **r, "speedup": ratio})
+                print(
+                    f"{m:<12} {method:<7} {impl:<10} {r['img_per_s']:8.1f} {1000 * r['seconds']:9.1f} {r['peak_rss_mb']:8.0f}  {ratio:.2f}x",
+                    flush=True,
+                )
+    for m in models:
+        if m == "vit_tiny224":
+            continue
+        ta = run_case("pgd", m, "torchattacks", 3, threads=args.threads)
+        ours = run_case("pgd", m, "ours", 3, threads=args.threads)
+        r = ta["seconds"] / ours["seconds"]
+        figures[f"pgd_eval_speedup_{m}"] = r
+        rows.append(
+            {
+                "model": m,
+                "case": "pgd10_eval",
+                "torchattacks_img_s": ta["img_per_s"],
+                "ours_img_s": ours["img_per_s"],
+                "speedup": r,
+            }
+        )
+        print(
+            f"PGD-10 eval {m}: torchattacks {ta['img_per_s']:.0f} img/s, ours {ours['img_per_s']:.0f} img/s -> {r:.2f}x"
+        )
+    aa = run_case("aa", 64 if not args.quick else 16, threads=args.threads)
+    print(f"AutoAttack (standard) on an untrained mini-ViT: {aa['img_per_s']:.1f} img/s")
+
+    def sp(impl: str, method: str = "full") -> list[float]:
+        return [r["speedup"] for r in rows if r.get("impl") == impl and r.get("method") == method]
+
+    figures["train_step_speedup_fp32"] = geomean(sp("ours_fp32"))
+    figures["train_step_speedup_bf16"] = geomean(sp("ours_bf16"))
+    figures["train_step_speedup_best"] = geomean([max(a, b) for a, b in zip(sp("ours_fp32"), sp("ours_bf16"))])
+    for method in METHODS:
+        figures[f"train_step_speedup_fp32_{method}"] = geomean(sp("ours_fp32", method))
+    figures["pgd_eval_speedup_vs_torchattacks"] = geomean(
+        [v for k, v in figures.items() if k.startswith("pgd_eval_speedup_")]
+    )
+    figures["autoattack_img_per_s"] = aa["img_per_s"]
+    figures["peak_rss_mb_max"] = max(r.get("peak_rss_mb", 0) for r in rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "figures": figures}, f, indent=2)
+    for k, v in figures.items():
+        print(f"{k}={v:.3f}")
+
+
+if __name__ == "__main__":
+    main()
