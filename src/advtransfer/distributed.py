@@ -1,0 +1,68 @@
+"""torch.distributed glue: one process per device under ``torchrun``; a no-op in a single process.
+
+``torchrun --nproc_per_node N -m advtransfer run CONFIG`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; we
+initialise gloo on CPU and NCCL on GPU. Training splits every global batch into equal contiguous shards
+(one per rank) and averages gradients with DDP, so N processes at global batch B take the same steps as
+one process at batch B. Evaluation shards the examples and all-gathers the per-example masks. Only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> None:
+    """Join the process group if launched by torchrun (idempotent)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def shard_bounds(n: int, r: int | None = None, w: int | None = None) -> tuple[int, int]:
+    """Contiguous slice ``[lo, hi)`` of ``n`` items for rank ``r`` of ``w`` (sizes differ by at most one)."""
+    r, w = rank() if r is None else r, world() if w is None else w
+    base, extra = divmod(n, w)
+    lo = r * base + min(r, extra)
+    return lo, lo + base + (1 if r < extra else 0)
+
+
+def gather_cat(t: torch.Tensor, n_total: int) -> torch.Tensor:
+    """All-gather per-rank shards made by ``shard_bounds`` back into one tensor of length ``n_total``."""
+    if world() == 1:
+        return t
+    sizes = [shard_bounds(n_total, r)[1] - shard_bounds(n_total, r)[0] for r in range(world())]
+    width = max(sizes)
+    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
