@@ -69,7 +69,7 @@ def runs(tmp_path) -> Path:
     fake_run(root, "b-full", method="full", source=NATURAL, clean=0.80, pgd=0.40)
     fake_run(root, "c-linear", method="linear", dataset="mnist", clean=0.90, pgd=0.60)
     fake_run(root, "c-full", method="full", dataset="mnist", clean=0.95, pgd=0.80)
-    fake_run(root, "c-bias", method="bias", dataset="mnist", clean=0.93, pgd=0.70)  # no Full-FT? it has one
+    fake_run(root, "c-bias", method="bias", dataset="mnist", clean=0.93, pgd=0.70)
     # an eps sweep written by `advtransfer eval --out`
     (root / "eval-sweep").mkdir()
     (root / "eval-sweep" / "eval.json").write_text(json.dumps({

@@ -255,11 +255,13 @@ def _color(method: str):
 MARKER = {"ranli": "o", "roli": "s"}
 
 
-def _legend(ax, methods: list[str], inits: list[str]) -> None:
+def _legend(ax, methods: list[str], inits: list[str], star: bool = False) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=_color(m), marker="o", ls="", label=m) for m in methods]
     handles += [Line2D([], [], color="grey", marker=MARKER.get(i, "^"), ls="", label=i) for i in inits]
+    if star:
+        handles.append(Line2D([], [], color="grey", marker="*", ms=10, ls="", label="linear probe"))
     ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
 
 
@@ -290,7 +292,8 @@ def fig_clean_robust(cells: dict, title: str, path: Path) -> Path | None:
         ax.set_ylabel(f"robust accuracy, {name} (%)")
         ax.set_title(f"{title}\n{name}: arrows RanLI → RoLI", fontsize=9)
         ax.grid(alpha=0.3)
-        _legend(ax, sorted({k[0] for k in pts}, key=lambda m: _order((m, "", ""))), sorted({k[1] for k in pts}))
+        methods = sorted({k[0] for k in pts}, key=lambda m: _order((m, "", "")))
+        _legend(ax, methods, sorted({k[1] for k in pts if k[0] != "linear"}), star="linear" in methods)
     fig.savefig(path)
     return path
 
@@ -505,6 +508,9 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
     out = Path(out or dirs[0])
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
+    for stale in figs.glob("*.png"):  # figures of an earlier report of groups that may be gone now
+        if re.match(r"(clean_robust_|curves_|params_).*|(transfer|sources|eps_sweep)\.png$", stale.name):
+            stale.unlink()
     root = Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
     groups = aggregate([(p.resolve(), c) for p, c in results])
 
@@ -570,7 +576,7 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
                        "achieved_minus_inherited": None if src is None or c["pgd"] is None or k[2] == "natural"
                        else c["pgd"][0] - src["inherited"][0]} for k, c in cells.items()],
         })  # fmt: skip
-        for k, c in cells.items():
+        for c in cells.values():
             for p, card in c["runs"]:
                 flags_rows += [
                     [_rel(p, root), f.get("flag", "?"), f.get("detail", "")] for f in card.get("flags") or []

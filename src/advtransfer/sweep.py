@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,12 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, load_config, to_dict
+from .config import RunConfig, load_config, parse_set, to_dict
 from .errors import UserError
 
 RESULT = "result.json"
 TOP_KEYS = {"base", "grid", "exclude", "reuse_probe"}
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+SECTIONS = typing.get_type_hints(RunConfig)  # field name -> type (a dataclass for config sections)
 
 
 @dataclass
@@ -89,7 +90,10 @@ def load_grid(path: str | Path) -> dict:
         bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
         if not bp.is_file():
             raise UserError(f"sweep: base config not found: {bp}")
-        base = yaml.safe_load(bp.read_text()) or {}
+        try:
+            base = yaml.safe_load(bp.read_text()) or {}
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"sweep: base config {bp} is not readable YAML ({type(e).__name__})") from None
     if not isinstance(base, dict):
         raise UserError("sweep: 'base' must be a run config mapping or a path to one")
     axes = grid.get("grid") or {}
@@ -101,7 +105,9 @@ def load_grid(path: str | Path) -> dict:
     for rule in exclude:
         if set(rule) - set(axes):
             raise UserError(f"sweep: exclude rule {rule} names unknown axes {sorted(set(rule) - set(axes))}")
-    return {"base": base, "grid": axes, "exclude": exclude, "reuse_probe": bool(grid.get("reuse_probe", True))}
+    if not isinstance(grid.get("reuse_probe", True), bool):
+        raise UserError(f"sweep: 'reuse_probe' must be true or false, got {grid['reuse_probe']!r}")
+    return {"base": base, "grid": axes, "exclude": exclude, "reuse_probe": grid.get("reuse_probe", True)}
 
 
 def _resolve(axis: str, key: str) -> str:
@@ -117,7 +123,7 @@ def _resolve(axis: str, key: str) -> str:
 
 
 def _put(tree: dict, dotted: str, value: Any) -> None:
-    parts = [p for p in dotted.split(".")]
+    parts = dotted.split(".")
     if not all(parts):
         raise UserError(f"sweep: bad key {dotted!r}")
     for p in parts[:-1]:
@@ -156,7 +162,7 @@ def parse_value(axis: str, value: Any) -> tuple[dict[str, Any], list[str], str, 
         if not all(isinstance(s, str) and "=" in s for s in items):
             raise UserError(f"sweep: axis '{axis}': a list value must hold KEY=VALUE strings, got {value!r}")
         sets = [f"{_resolve(axis, s.split('=', 1)[0].strip())}={s.split('=', 1)[1]}" for s in items]
-        label = _clean("-".join(_word(s.split("=", 1)[0], s.split("=", 1)[1].strip()) for s in sets))
+        label = _clean("-".join(_word(".".join(parse_set(s)[0]), parse_set(s)[1]) for s in sets))
         return {}, sets, label, [label]
     if value is None or isinstance(value, (str, int, float, bool)):
         head = axis.split(".")[0]
@@ -176,11 +182,14 @@ def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> lis
     axes = list(grid["grid"].items())
     parsed = [[(axis, *parse_value(axis, v)) for v in values] for axis, values in axes]
     entries: list[Entry] = []
-    seen: dict[str, dict] = {}
+    seen: set[str] = set()
+    used = [0] * len(grid["exclude"])
     for combo in itertools.product(*parsed):
         labels = {axis: label for axis, _, _, label, _ in combo}
         keys = {axis: k for axis, _, _, _, k in combo}
-        if any(all(_matches(keys[a], want) for a, want in rule.items()) for rule in grid["exclude"]):
+        hits = [all(_matches(keys[a], want) for a, want in rule.items()) for rule in grid["exclude"]]
+        used = [u + h for u, h in zip(used, hits)]
+        if any(hits):
             continue
         name = "__".join(labels.values()) or "run"
         tree = copy.deepcopy(grid["base"])
@@ -195,12 +204,13 @@ def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> lis
             raise UserError(f"sweep: entry {name}: {e}") from None
         if not cfg.name:
             cfg = dataclasses.replace(cfg, name=name)
-        if name in seen and seen[name] != labels:
-            raise UserError(f"sweep: two entries are both named {name}; give axis values distinct '_name's")
         if name in seen:
-            raise UserError(f"sweep: entry {name} appears twice (repeated axis values?)")
-        seen[name] = labels
+            raise UserError(f"sweep: two entries are both named {name}; give axis values distinct '_name's")
+        seen.add(name)
         entries.append(Entry(name, labels, keys, to_dict(cfg), cfg))
+    for rule, u in zip(grid["exclude"], used):
+        if not u:
+            raise UserError(f"sweep: exclude rule {rule} matches no entry (labels are the run-name parts)")
     if not entries:
         raise UserError("sweep: the grid expands to no runs (everything excluded?)")
     link_probes(entries, out, grid["reuse_probe"])
@@ -290,13 +300,13 @@ def dry_run_table(entries: list[Entry], out: Path) -> str:
     n_done = sum(status(e, out) == "done" for e in entries)
     lines = [f"{len(entries)} runs ({n_done} finished, {len(entries) - n_done} to run) in "
              f"{max(e.phase for e in entries)} phase(s) under {out}",
-             f"{'#':>4} {'ph':>2} {'status':<6}  {'name':<60} {'method/init':<16} {'seed':>4}  stage 1"]  # fmt: skip
+             f"{'#':>4} {'ph':>2} {'status':<6}  {'name':<60} {'method/init':<22} {'seed':>4}  stage 1"]  # fmt: skip
     for i, e in enumerate(entries, 1):
         c = e.cfg
         mi = f"{c.method.name}/{c.method.init.value}" + (
             "" if c.train.objective.value == "at" else f"[{c.train.objective.value}]"
         )
-        lines.append(f"{i:>4} {e.phase:>2} {status(e, out):<6}  {e.name:<60} {mi:<16} {c.seed:>4}  {e.probe_note}")
+        lines.append(f"{i:>4} {e.phase:>2} {status(e, out):<6}  {e.name:<60} {mi:<22} {c.seed:>4}  {e.probe_note}")
     missing = sorted({e.cfg.model.checkpoint for e in entries if e.cfg.model.checkpoint and not Path(e.cfg.model.checkpoint).is_file()})  # fmt: skip
     if missing:
         lines.append(f"note: checkpoint(s) not found here: {', '.join(missing)}")
@@ -349,7 +359,8 @@ def execute(entries: list[Entry], out: Path, workers: int, launch: Callable[[Ent
     write_configs(entries, out)
     launch = launch or subprocess_launcher(out, max(1, cores() // workers))
     result = {e.name: "done" for e in entries if status(e, out) == "done"}
-    pending = [e for e in entries if e.name not in result]
+    needed = {d for e in entries for d in e.deps}
+    pending = sorted((e for e in entries if e.name not in result), key=lambda e: e.name not in needed)  # probes first
     running: dict[str, tuple[Any, float]] = {}
     t0 = time.time()
     try:
