@@ -22,9 +22,8 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``advtransfer: error: ...``) and exit 2, like every bad input."""
 
     def error(self, message: str):
-        self.exit(
-            2, f"advtransfer: error: {self.prog.removeprefix('advtransfer ')}: {one_line(message)} (see --help)\n"
-        )
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""  # the subcommand, if any
+        self.exit(2, f"advtransfer: error: {where}{one_line(message)} (see --help)\n")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:

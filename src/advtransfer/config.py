@@ -331,6 +331,8 @@ def _merge(a: dict, b: dict) -> dict:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks the types cannot express. Names (dataset, backbone, method) are checked where they live."""
+    if not 0 <= cfg.seed < 2**32:  # what every RNG (torch, numpy, python) accepts and the data order can offset
+        raise UserError(f"config: seed must be in [0, 2**32), got {cfg.seed}")
     eps = cfg.eps
     if eps <= 0:
         raise UserError(f"config: attack.eps must be > 0, got {cfg.attack.eps!r}")

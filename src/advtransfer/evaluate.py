@@ -94,10 +94,11 @@ def autoattack_correct(
         aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, k - 1)
         aa.fab.n_target_classes = min(aa.fab.n_target_classes, k - 1)
         sequence = list(aa.attacks_to_run)
-        state = _load_aa_state(state_path, sequence, len(x))
+        key = _aa_key(model, x, y, eps=eps, norm=norm, seed=seed, version=version, attacks=sequence, k=k)
+        state = _load_aa_state(state_path, key)
         if state is None:
-            robust0 = clean_correct(model, x, y, batch_size).tolist()
-            state = {"attacks": sequence, "done": [], "robust": robust0, "per_attack": {}}
+            robust0 = clean_correct(model, x, y, batch_size).cpu().tolist()
+            state = {"key": key, "done": [], "robust": robust0, "per_attack": {}}
             _save_aa_state(state_path, state)
         robust = torch.tensor(state["robust"], dtype=torch.bool)
         x_adv = x.clone()
@@ -107,10 +108,12 @@ def autoattack_correct(
             idx = robust.nonzero().squeeze(1)
             if len(idx):
                 aa.attacks_to_run = [attack]
-                adv, _ = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
-                broken = ~clean_correct(model, adv, y[idx], batch_size)
+                on = idx.to(x.device)
+                adv, _ = aa.run_standard_evaluation(x[on], y[on], batch_size=batch_size)
+                adv = adv.to(x.device)
+                broken = ~clean_correct(model, adv, y[idx], batch_size).cpu()
                 robust[idx[broken]] = False
-                x_adv[idx[broken]] = adv[broken]
+                x_adv[on[broken.to(x.device)]] = adv[broken.to(x.device)]
             state["done"].append(attack)
             state["robust"] = robust.tolist()
             state["per_attack"][attack] = robust.float().mean().item()
@@ -120,12 +123,30 @@ def autoattack_correct(
     return robust, x_adv
 
 
-def _load_aa_state(path: Path | None, sequence: list[str], n: int) -> dict | None:
+def _aa_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **settings) -> dict:
+    """What an AutoAttack state belongs to: settings, the labels, and the model's logits on a few images."""
+    import hashlib
+
+    with torch.no_grad():
+        probe = model(x[:4]).float().cpu().numpy().round(3).tobytes()
+    data = y.cpu().numpy().tobytes() + x[:4].cpu().numpy().tobytes()
+    return {
+        **settings,
+        "n": len(x),
+        "data": hashlib.sha256(data).hexdigest()[:16],
+        "model": hashlib.sha256(probe).hexdigest()[:16],
+    }
+
+
+def _load_aa_state(path: Path | None, key: dict) -> dict | None:
     if path is None or not Path(path).exists():
         return None
-    state = json.loads(Path(path).read_text())
-    if state.get("attacks") != sequence or len(state.get("robust", [])) != n:
-        raise UserError(f"eval: AutoAttack state {path} belongs to another evaluation (attacks or n differ)")
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"eval: AutoAttack state {path} is unreadable; delete it to start over") from None
+    if state.get("key") != key:
+        raise UserError(f"eval: AutoAttack state {path} belongs to another evaluation (model, data or settings differ)")
     return state
 
 
@@ -156,7 +177,7 @@ def model_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training
                 "detail": "two eval-mode forwards differ: randomness can fake robustness",
             }
         )
-    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones(len(a)), atol=1e-3):
+    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones(len(a), device=a.device), atol=1e-3):
         flags.append(
             {
                 "flag": "outputs_look_like_probabilities",
@@ -205,7 +226,6 @@ def attack_strength_flags(
     x: torch.Tensor,
     y: torch.Tensor,
     threat: Threat,
-    pgd_acc: float,
     num_classes: int,
     batch_size: int,
 ) -> list[dict]:
@@ -279,19 +299,17 @@ def evaluate(
     n = len(images)
     res: dict = {"n": n, "eps": eps, "norm": norm, "seed": seed, "masks": {}}
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
             torch.manual_seed(seed)
             clean = clean_correct(model, images, labels, batch_size)
             if "clean" in attacks:
                 res["masks"]["clean"] = clean
             if "pgd" in attacks:
-                mask = (
-                    pgd_correct(
-                        model, images, labels, threat, restarts=pgd_restarts, loss=pgd_loss, batch_size=batch_size
-                    )
-                    & clean
+                raw = pgd_correct(
+                    model, images, labels, threat, restarts=pgd_restarts, loss=pgd_loss, batch_size=batch_size
                 )
-                res["masks"]["pgd"] = mask
+                res["masks"]["pgd"] = raw & clean  # an example counts as robust only if it is also correct
+                raw_pgd = raw.float().mean().item()
                 res["pgd_settings"] = {
                     "steps": pgd_steps,
                     "step_size": threat.alpha,
@@ -317,10 +335,13 @@ def evaluate(
             flags = []
             if checks:
                 flags = model_flags(model, images, labels, was_training) + result_flags(res, n)
+                clean_acc = clean.float().mean().item()
+                if "pgd" in attacks and raw_pgd > clean_acc + _noise(clean_acc, n):
+                    detail = f"PGD leaves {raw_pgd:.4f} correct > clean {clean_acc:.4f}: a correct attack cannot help"
+                    flags.append({"flag": "robust_above_clean", "detail": detail})
                 if "pgd" in res:
-                    flags += attack_strength_flags(
-                        model, images, labels, threat, res["pgd"], num_classes or 10, batch_size
-                    )
+                    k = num_classes or int(model(images[:1]).shape[1])
+                    flags += attack_strength_flags(model, images, labels, threat, k, batch_size)
         res["flags"] = flags
     finally:
         model.train(was_training)

@@ -116,6 +116,10 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
 # ----------------------------------------------------------------------------- writing
 
 
+_UMASK = os.umask(0o022)  # read the process umask (there is no getter) ...
+os.umask(_UMASK)  # ... and put it back
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it.
 
@@ -128,6 +132,7 @@ def atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -43,7 +43,7 @@ from .train import Stage, fit
 
 try:
     import fcntl
-except ImportError:  # not on Windows
+except ImportError:  # Windows has no flock: runs there are not locked
     fcntl = None
 
 RESULT = "result.json"
@@ -106,6 +106,8 @@ class RunDir:
             if saved != config:
                 diff = _first_difference(saved, config)
                 raise UserError(f"run: --resume with a config that differs from {self.path / 'config.yaml'} ({diff})")
+            for tmp in self.path.rglob(".*.tmp"):  # what a killed run was writing: never complete
+                tmp.unlink()
             return True
         if entries and not resume:
             raise UserError(f"run: {self.path} is not empty (use --resume to continue it or --overwrite)")
@@ -128,7 +130,7 @@ class RunDir:
                 os.close(fd)
                 who = f"process {holder}" if holder else "another process"
                 raise UserError(f"run: {self.path} is in use by {who} (a run holds its lock)") from None
-            try:  # the holder we waited for may have unlinked the file we locked: lock the current one
+            try:  # a holder that released between our open and flock unlinked the file we hold: retry
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
             except FileNotFoundError:
                 same = False
@@ -323,7 +325,8 @@ def run_stage(
         load_head(model, head_from)
         log(f"RoLI: head loaded from {head_from}")
     train_threat, val_threat, _ = _threats(cfg)
-    stage = Stage(stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size)
+    section = "probe" if train_cfg is cfg.probe else "train"
+    stage = Stage(stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size, section)
     best = fit(model, splits.train, splits.val, stage, log, resume=resume)
     best_model = make_model(cfg, spec, cfg.seed)
     best_model.load_state_dict(read_state(stage.best_path))
@@ -335,7 +338,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
 
     ``resume`` continues an interrupted run bit-identically (finished stages and AutoAttack attacks are
     not redone); ``overwrite`` replaces a finished one. A fresh run that fails on bad input (``UserError``)
-    removes what it wrote; one that fails while running keeps its checkpoints and log, never a result.json.
+    before it saved any training state removes what it wrote; any other failed run keeps its checkpoints
+    and log (so it can be resumed), never a result.json.
     """
     out = Path(out)
     if cfg.method.init == Init.ROLI and cfg.method.name == "linear":
@@ -347,7 +351,9 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     try:
         return _run(cfg, out, rd)
     except UserError:
-        discard = not rd.resuming
+        # bad input found before any training was saved: leave nothing behind. Once a state exists the
+        # directory stays (no result.json), so a run that met e.g. a bad image late can be fixed and resumed.
+        discard = not rd.resuming and not any(out.rglob("state.safetensors"))
         if discard:
             rd.clear()
         raise

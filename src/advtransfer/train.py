@@ -220,6 +220,7 @@ class Stage:
     val_threat: Threat  # validation attack for model selection
     seed: int
     eval_batch_size: int = 256
+    section: str = "train"  # the config section of ``cfg`` ("train", or "probe" for RoLI's stage 1), for messages
 
     @property
     def best_path(self) -> Path:
@@ -264,6 +265,8 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
         _write_metrics(metrics_path, [r for r in _read_metrics(metrics_path) if r["epoch"] < progress["epoch"]])
     else:
         torch.manual_seed(stage.seed)
+        random.seed(stage.seed)
+        np.random.seed(stage.seed % 2**32)
         metrics_path.unlink(missing_ok=True)
 
     with StopRequest() as stop:
@@ -288,9 +291,14 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
                             if stage.state_path.exists()
                             else "no checkpoint was saved yet"
                         )
+                        hint = (
+                            "before any update, so the starting weights are at fault (model.checkpoint, RoLI head)"
+                            if epoch == 0 and progress["step"] == 0
+                            else f"try a smaller {stage.section}.lr"
+                        )
                         raise RunError(
-                            f"training stopped: {e} at epoch {epoch + 1} step {progress['step'] + 1} "
-                            f"(try a smaller {'probe' if stage.dir.name == 'stage1' else 'train'}.lr); {kept}"
+                            f"training stopped: {e} in {stage.dir.name} at epoch {epoch + 1} step "
+                            f"{progress['step'] + 1} ({hint}); {kept}"
                         ) from None
                     sched.step()
                     progress["step"] += 1

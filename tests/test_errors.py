@@ -1,0 +1,752 @@
+"""Bad input, end to end through the CLI: a matrix of kinds of bad input, each must give
+
+* exactly one ``advtransfer: error: ...`` line on stderr that names the problem, and no traceback;
+* exit 2 for bad input / usage, exit 1 for a failure while running (non-finite loss, disk full, out of memory);
+* no partial output: a fresh run that fails on bad input leaves no run directory at all, and no failed run
+  ever leaves a ``result.json`` or a half-written (``.tmp``) file; a run that fails while running keeps its
+  last complete checkpoint.
+
+Most cases call ``advtransfer.cli.main`` in-process (fast; stderr through ``capsys``); a few run the real
+console entry point in a subprocess to check exit codes and the absence of tracebacks there. Hypothesis
+fuzzes the config file and ``--set`` syntax through ``main``: the only outcomes are success or exit 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from advtransfer import data, models, train
+from advtransfer.cli import main
+from advtransfer.models import ModelSpec, build, save_checkpoint
+
+TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+BASE = {
+    "data": {"name": "fashion-mnist", "n_train": 32, "n_val": 16, "n_test": 16},
+    "method": {"name": "full", "init": "ranli"},
+    "attack": {"eps": "0.1", "steps": 1},
+    "train": {"epochs": 2, "batch_size": 16, "checkpoint_every": 1},
+    "probe": {"epochs": 1, "batch_size": 16},
+    "eval": {"val_pgd_steps": 1, "pgd_steps": 1, "autoattack": False},
+}
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
+    path = tmp_path_factory.mktemp("src") / "tiny.safetensors"
+    save_checkpoint(build(spec), spec, path)
+    return path
+
+
+@dataclass
+class Ctx:
+    """What a case builds on: a temp folder, the source checkpoint, a base config, the run dir, monkeypatch."""
+
+    tmp: Path
+    source: Path
+    mp: pytest.MonkeyPatch
+    out: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = self.tmp / "run"
+
+    def config(self, **sections) -> str:
+        cfg = json.loads(json.dumps(BASE))
+        cfg["model"] = {"checkpoint": str(self.source)}
+        for name, values in sections.items():
+            cfg.setdefault(name, {}).update(values)
+        path = self.tmp / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    def run(self, *sets: str, **sections) -> list[str]:
+        argv = ["run", self.config(**sections), "--out", str(self.out)]
+        for s in sets:
+            argv += ["--set", s]
+        return argv
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+
+def error_line(capsys, rc: int, code: int, *names: str) -> str:
+    """Assert the exit code and a single error line naming the problem; return that line."""
+    err = capsys.readouterr().err
+    assert rc == code, f"exit {rc}, expected {code}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("advtransfer: error:")]
+    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0], err
+    for name in names:
+        assert name.lower() in errors[0].lower(), f"{name!r} not named in: {errors[0]}"
+    return errors[0]
+
+
+def snapshot(out: Path) -> object:
+    """The bytes of ``out`` (a file, or every file under a directory); None if it does not exist."""
+    if out.is_file():
+        return out.read_bytes()
+    if out.is_dir():
+        return {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+    return None
+
+
+def no_partial_output(out: Path, *, fresh_bad_input: bool) -> None:
+    """A fresh run refused on bad input leaves nothing; any other failed run no result and no partial file."""
+    if fresh_bad_input:
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+        return
+    if out.is_dir():
+        assert not (out / "result.json").exists()
+        assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp") or p.name == ".lock"]
+        for p in out.rglob("*.safetensors"):  # whatever was kept is complete
+            load_file(str(p))
+        for p in out.rglob("*.json"):
+            json.loads(p.read_text())
+
+
+# ----------------------------------------------------------------------------- data fixtures
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def fake_fashion(ctx: Ctx, *, n_train=40, n_test=20, labels=None, mangle: Callable[[dict], None] | None = None) -> None:
+    """A tiny Fashion-MNIST cache in a temp $ADVTRANSFER_DATA, with checksums patched to match its files.
+
+    ``mangle(files)`` may change the file bytes after the checksums were taken (a damaged download)."""
+    rng = np.random.default_rng(0)
+    y_train = labels if labels is not None else np.arange(n_train) % 10
+    files = {
+        "train-images-idx3-ubyte.gz": _idx(rng.integers(0, 256, (n_train, 28, 28))),
+        "train-labels-idx1-ubyte.gz": _idx(np.asarray(y_train)),
+        "t10k-images-idx3-ubyte.gz": _idx(rng.integers(0, 256, (n_test, 28, 28))),
+        "t10k-labels-idx1-ubyte.gz": _idx(np.arange(n_test) % 10),
+    }
+    files = {k: gzip.compress(v, mtime=0) for k, v in files.items()}
+    sums = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+    if mangle:
+        mangle(files)
+    root = ctx.tmp / "data"
+    for name, blob in files.items():
+        (root / "fashion-mnist").mkdir(parents=True, exist_ok=True)
+        (root / "fashion-mnist" / name).write_bytes(blob)
+    ctx.mp.setenv("ADVTRANSFER_DATA", str(root))
+    ctx.mp.setitem(data.CHECKSUMS, "fashion-mnist", sums)
+
+
+def patched_idx(ctx: Ctx, name: str, raw: bytes) -> None:
+    """Replace one IDX file with ``raw`` (gzipped) and patch its checksum so the parser sees it."""
+    fake_fashion(ctx)
+    blob = gzip.compress(raw, mtime=0)
+    (ctx.tmp / "data" / "fashion-mnist" / name).write_bytes(blob)
+    sums = dict(data.CHECKSUMS["fashion-mnist"], **{name: hashlib.sha256(blob).hexdigest()})
+    ctx.mp.setitem(data.CHECKSUMS, "fashion-mnist", sums)
+
+
+def png(path: Path, size=(8, 8), mode="RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color=(120, 40, 200) if mode == "RGB" else 128).save(path)
+
+
+def image_folder(ctx: Ctx, *, empty_class: bool = False, corrupt: bool = False) -> Path:
+    root = ctx.tmp / "images"
+    for part in ("train", "test"):
+        for c in ("cat", "dog"):
+            for i in range(4 if part == "train" else 2):
+                png(root / part / c / f"{i}.png")
+    if empty_class:
+        (root / "train" / "bird").mkdir(parents=True)
+        (root / "test" / "bird").mkdir(parents=True)
+    if corrupt:
+        (root / "train" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return root
+
+
+def other_arch_pt(ctx: Ctx) -> Path:
+    """A plain .pt state dict of a different (1-block) ViT."""
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY, depth=1), 10, mean=[0.5], std=[0.5])
+    path = ctx.tmp / "other.pt"
+    torch.save(build(spec).backbone.state_dict(), path)
+    return path
+
+
+def five_class_checkpoint(ctx: Ctx, name: str = "five.safetensors") -> Path:
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 5, mean=[0.5], std=[0.5])
+    path = ctx.tmp / name
+    save_checkpoint(build(spec), spec, path)
+    return path
+
+
+class Evil:
+    """Unpickling this would create the marker file: a checkpoint that runs code when loaded unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def evil_pt(ctx: Ctx, zipped: bool = True) -> tuple[Path, Path]:
+    """A hostile checkpoint in torch's zip container (what torch.save writes) or as a bare legacy pickle."""
+    marker = ctx.tmp / "PWNED"
+    path = ctx.tmp / ("evil.pt" if zipped else "evil_legacy.pth")
+    payload = {"state_dict": {"w": Evil(marker)}}
+    if zipped:
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    return path, marker
+
+
+def finished_run(ctx: Ctx) -> None:
+    ctx.out.mkdir()
+    (ctx.out / "config.yaml").write_text(yaml.safe_dump({"seed": 0}))
+    (ctx.out / "result.json").write_text("{}")
+
+
+def resumable_run(ctx: Ctx, **changes) -> list[str]:
+    """A run killed after writing its config (so --resume applies), with ``changes`` to its config after."""
+    from advtransfer.config import load_config, to_dict
+
+    argv = ctx.run()
+    ctx.out.mkdir()
+    (ctx.out / "config.yaml").write_text(yaml.safe_dump(to_dict(load_config(argv[1]))))
+    return ctx.run(*(f"{k}={v}" for k, v in changes.items())) + ["--resume"]
+
+
+def damaged_state(ctx: Ctx) -> list[str]:
+    argv = resumable_run(ctx)
+    (ctx.out / "state.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return argv
+
+
+def probe_dir(ctx: Ctx, head_classes: int) -> Path:
+    d = ctx.tmp / "probe"
+    d.mkdir()
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), head_classes, mean=[0.5], std=[0.5])
+    save_checkpoint(build(spec), spec, d / "best.safetensors")
+    return d
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+@dataclass
+class Case:
+    make: Callable[[Ctx], list[str]]  # -> argv (may set files, env and patches up)
+    names: tuple[str, ...]  # what the error line must name
+    code: int = 2
+    leaves: str = "nothing"  # nothing: no run dir at all | untouched: --out exactly as before | kept: no result
+
+
+CASES: dict[str, Case] = {
+    # --- config
+    "config-unknown-key": Case(lambda c: c.run("train.lrr=1"), ("unknown key", "train.lrr")),
+    "config-unknown-key-in-yaml": Case(lambda c: c.run(train={"epoch": 3}), ("unknown key", "train.epoch")),
+    "config-wrong-type": Case(lambda c: c.run("train.epochs=two"), ("train.epochs", "integer")),
+    "config-wrong-type-section": Case(lambda c: c.run("data=5"), ("data", "mapping")),
+    "config-eps-zero": Case(lambda c: c.run("attack.eps=0"), ("attack.eps", "> 0")),
+    "config-eps-negative": Case(lambda c: c.run("attack.eps=-8/255"), ("attack.eps",)),
+    "config-eps-above-one": Case(lambda c: c.run("attack.eps=2"), ("attack.eps", "<= 1")),
+    "config-eps-not-a-number": Case(lambda c: c.run("attack.eps=eight"), ("eps", "eight")),
+    "config-eps-division-by-zero": Case(lambda c: c.run("attack.eps=1/0"), ("eps", "1/0")),
+    "config-steps-zero": Case(lambda c: c.run("attack.steps=0"), ("attack.steps", ">= 1")),
+    "config-epochs-zero": Case(lambda c: c.run("train.epochs=0"), ("train.epochs",)),
+    "config-batch-size-zero": Case(lambda c: c.run("probe.batch_size=0"), ("probe.batch_size",)),
+    "config-negative-lr": Case(lambda c: c.run("train.lr=-0.1"), ("train.lr", "> 0")),
+    "config-bad-enum": Case(lambda c: c.run("attack.norm=L3"), ("attack.norm", "L3")),
+    "config-unknown-method": Case(lambda c: c.run("method.name=prefix"), ("unknown method", "prefix")),
+    "config-bad-method-option": Case(lambda c: c.run("method.name=lora", "method.options.rnk=4"), ("lora", "rnk")),
+    "config-unknown-peft-tuner": Case(
+        lambda c: c.run("method.name=peft", "method.options.tuner=nosuchtuner"), ("peft tuner", "nosuchtuner")
+    ),
+    "config-unknown-backbone": Case(
+        lambda c: c.run("model.checkpoint=", "model.backbone=vit_nosuch"), ("backbone", "vit_nosuch")
+    ),
+    "config-backbone-kwargs-timm-rejects": Case(
+        lambda c: c.run(
+            "model.checkpoint=",
+            "model.backbone=vit_tiny_patch16_224",
+            "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 33, num_heads: 2, depth: 1}",
+        ),
+        ("bad kwargs", "divisible"),
+    ),  # fmt: skip
+    "config-no-backbone": Case(lambda c: c.run("model.checkpoint="), ("model.backbone",)),
+    "config-unknown-dataset": Case(lambda c: c.run("data.name=imagenet-z"), ("unknown dataset", "imagenet-z")),
+    "config-roli-with-linear": Case(lambda c: c.run("method.name=linear", "method.init=roli"), ("roli", "linear")),
+    "config-no-validation-split": Case(lambda c: c.run("data.n_val=0"), ("validation",)),
+    "config-seed-out-of-range": Case(lambda c: c.run("seed=-1"), ("seed",)),
+    "config-unparsable-yaml": Case(
+        lambda c: ["run", str(c.write("bad.yaml", "train: [1, 2\nattack: {")), "--out", str(c.out)], ("not valid YAML",)
+    ),
+    "config-yaml-not-a-mapping": Case(
+        lambda c: ["run", str(c.write("list.yaml", "- a\n- b\n")), "--out", str(c.out)], ("mapping",)
+    ),
+    "config-binary-file": Case(
+        lambda c: ["run", str(c.write("bin.yaml", b"\xff\xfe\x00\x81")), "--out", str(c.out)], ("not a text file",)
+    ),
+    "config-file-missing": Case(lambda c: ["run", str(c.tmp / "nope.yaml"), "--out", str(c.out)], ("not found",)),
+    "set-missing-key": Case(lambda c: c.run("nothing.here=1"), ("unknown key", "nothing.here")),
+    "set-without-equals": Case(lambda c: c.run("train.lr"), ("KEY=VALUE", "train.lr")),
+    "set-sub-key-of-a-scalar": Case(lambda c: c.run("train.lr.x=1"), ("no sub-keys",)),
+    "set-empty-key": Case(lambda c: c.run("=3"), ("bad key",)),
+    # --- usage
+    "usage-unknown-command": Case(lambda c: ["trian"], ("invalid choice", "trian")),
+    "usage-missing-argument": Case(lambda c: ["eval", "--data", "mnist"], ("--checkpoint",)),
+    "usage-bad-integer-option": Case(
+        lambda c: ["eval", "--checkpoint", "x", "--data", "mnist", "--n", "ten"], ("--n",)
+    ),
+    "usage-resume-and-overwrite": Case(lambda c: c.run() + ["--resume", "--overwrite"], ("--resume", "--overwrite")),
+    "usage-out-is-a-file": Case(
+        lambda c: (setattr(c, "out", c.write("file.txt", "x")), ["run", c.config(), "--out", str(c.out)])[1],
+        ("is a file",),
+        leaves="untouched",
+    ),
+    "eval-bad-eps": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--eps", "x/y"], ("eps",)
+    ),
+    "eval-eps-zero": Case(lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--eps", "0"], ("eps",)),
+    "eval-negative-n": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--n", "-5"], ("--n",)
+    ),
+    "report-missing-dir": Case(lambda c: ["report", str(c.tmp / "none")], ("no such directory",)),
+    "report-corrupt-result": Case(
+        lambda c: ["report", str(c.write("r/result.json", "{broken").parent)], ("not valid JSON",)
+    ),
+    "methods-unknown-backbone": Case(lambda c: ["methods", "--backbone", "nonet_7"], ("nonet_7",)),
+    # --- data
+    "data-missing-directory": Case(
+        lambda c: c.run("data.name=imagefolder", f"data.root={c.tmp / 'no_such_dir'}"),
+        ("does not exist", "no_such_dir"),
+    ),
+    "data-corrupt-image": Case(
+        lambda c: c.run(
+            "data.name=imagefolder",
+            f"data.root={image_folder(c, corrupt=True)}",
+            "model.checkpoint=",
+            "model.backbone=vit_tiny_patch16_224",
+            "model.kwargs={img_size: 16, patch_size: 8, embed_dim: 16, depth: 1, num_heads: 1}",
+            "data.image_size=16",
+            "data.n_val=2",
+            "data.n_train=0",
+            "data.n_test=0",
+            "train.checkpoint_every=0",  # the bad image is met before any state is saved: nothing is kept
+        ),
+        ("cannot read image", "0.png"),
+    ),  # fmt: skip
+    "data-empty-class": Case(
+        lambda c: c.run("data.name=imagefolder", f"data.root={image_folder(c, empty_class=True)}"),
+        ("no images", "bird"),
+    ),
+    "data-wrong-channel-count": Case(
+        lambda c: c.run("data.name=imagefolder", f"data.root={image_folder(c)}", "data.n_val=2"),
+        ("3 channels", "takes 1"),
+    ),
+    "data-split-file-label-out-of-range": Case(
+        lambda c: c.run(
+            "data.name=imagefolder",
+            f"data.root={image_folder(c)}",
+            f"data.split_file={c.write('split.txt', 'train/cat/0.png -1 train' + chr(10))}",
+        ),
+        ("out of range", "-1"),
+    ),  # fmt: skip
+    "data-checksum-mismatch": Case(
+        lambda c: (fake_fashion(c, mangle=lambda f: f.update({"t10k-labels-idx1-ubyte.gz": b"tampered"})), c.run())[1],
+        ("checksum mismatch", "t10k-labels"),
+    ),
+    "data-truncated-idx": Case(
+        lambda c: (patched_idx(c, "train-images-idx3-ubyte.gz", _idx(np.zeros((40, 28, 28)))[:-100]), c.run())[1],
+        ("truncated", "train-images"),
+    ),
+    "data-corrupt-idx-magic": Case(
+        lambda c: (patched_idx(c, "t10k-images-idx3-ubyte.gz", b"\x00\x00\x0d\x03" + bytes(12)), c.run())[1],
+        ("magic", "t10k-images"),
+    ),
+    "data-corrupt-gzip": Case(
+        lambda c: (
+            fake_fashion(c),
+            (c.tmp / "data/fashion-mnist/train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00broken"),
+            c.mp.setitem(
+                data.CHECKSUMS["fashion-mnist"],
+                "train-labels-idx1-ubyte.gz",
+                hashlib.sha256(b"\x1f\x8b\x08\x00broken").hexdigest(),
+            ),
+            c.run(),
+        )[-1],
+        ("cannot read IDX", "train-labels"),
+    ),  # fmt: skip
+    "data-labels-out-of-range": Case(
+        lambda c: (fake_fashion(c, labels=np.array([0, 1, 2, 12] * 10)), c.run())[1], ("label 12", "out of range")
+    ),
+    "data-images-labels-count-differ": Case(
+        lambda c: (patched_idx(c, "t10k-labels-idx1-ubyte.gz", _idx(np.zeros(7))), c.run())[1],
+        ("20 images", "7 labels"),
+    ),
+    # --- checkpoints
+    "checkpoint-missing": Case(lambda c: c.run(f"model.checkpoint={c.tmp / 'gone.safetensors'}"), ("not found",)),
+    "checkpoint-truncated": Case(
+        lambda c: c.run(f"model.checkpoint={c.write('cut.safetensors', c.source.read_bytes()[:5000])}"),
+        ("cut.safetensors",),
+    ),
+    "checkpoint-not-safetensors": Case(
+        lambda c: c.run(f"model.checkpoint={c.write('text.safetensors', 'hello')}"), ("text.safetensors",)
+    ),
+    "checkpoint-unsupported-suffix": Case(
+        lambda c: c.run(
+            "model.backbone=vit_tiny_patch16_224",
+            f"model.kwargs={json.dumps(TINY)}",
+            f"model.checkpoint={c.write('w.h5', 'x')}",
+        ),
+        ("unsupported file type", ".h5"),
+    ),  # fmt: skip
+    "checkpoint-wrong-architecture": Case(
+        lambda c: c.run(
+            "model.backbone=vit_tiny_patch16_224",
+            f"model.kwargs={json.dumps(TINY)}",
+            f"model.checkpoint={other_arch_pt(c)}",
+        ),
+        ("does not fit", "blocks.1"),
+    ),  # fmt: skip
+    "checkpoint-config-architecture-mismatch": Case(
+        lambda c: c.run("model.backbone=resnet18"), ("resnet18", "vit_tiny_patch16_224")
+    ),
+    "checkpoint-pt-without-tensors": Case(
+        lambda c: (
+            torch.save([1, 2, 3], c.tmp / "list.pt"),
+            c.run(
+                "model.backbone=vit_tiny_patch16_224",
+                f"model.kwargs={json.dumps(TINY)}",
+                f"model.checkpoint={c.tmp / 'list.pt'}",
+            ),
+        )[1],
+        ("no state dict",),
+    ),  # fmt: skip
+    "checkpoint-malicious-pickle": Case(
+        lambda c: c.run(
+            "model.backbone=vit_tiny_patch16_224",
+            f"model.kwargs={json.dumps(TINY)}",
+            f"model.checkpoint={evil_pt(c)[0]}",
+        ),
+        ("refused", "unsafe"),
+    ),  # fmt: skip
+    "checkpoint-malicious-legacy-pickle": Case(
+        lambda c: c.run(
+            "model.backbone=vit_tiny_patch16_224",
+            f"model.kwargs={json.dumps(TINY)}",
+            f"model.checkpoint={evil_pt(c, zipped=False)[0]}",
+        ),
+        ("refused", "unsafe"),
+    ),  # fmt: skip
+    "checkpoint-wrong-classes-for-eval": Case(
+        lambda c: ["eval", "--checkpoint", str(five_class_checkpoint(c)), "--data", "mnist", "--n", "8"],
+        ("5 classes", "10"),
+    ),
+    "checkpoint-eval-without-metadata": Case(
+        lambda c: (
+            save_file({"w": torch.zeros(2)}, str(c.tmp / "bare.safetensors")),
+            ["eval", "--checkpoint", str(c.tmp / "bare.safetensors"), "--data", "mnist"],
+        )[1],
+        ("no advtransfer metadata",),
+    ),
+    "checkpoint-roli-head-wrong-shape": Case(
+        lambda c: c.run("method.init=roli", f"method.probe_run={probe_dir(c, head_classes=5)}"),
+        ("does not fit", "shape mismatch", "head"),
+    ),
+    "checkpoint-roli-probe-run-without-best": Case(
+        lambda c: c.run("method.init=roli", f"method.probe_run={c.tmp}"), ("probe_run", "no best.safetensors")
+    ),
+    # --- run directories
+    "rundir-finished-without-overwrite": Case(
+        lambda c: (finished_run(c), c.run())[1], ("finished run", "--overwrite"), leaves="untouched"
+    ),
+    "rundir-not-empty": Case(
+        lambda c: (c.write("run/notes.txt", "mine"), c.run())[1], ("not empty", "--resume"), leaves="untouched"
+    ),
+    "rundir-overwrite-foreign-directory": Case(
+        lambda c: (c.write("run/notes.txt", "mine"), c.run() + ["--overwrite"])[1],
+        ("not a run directory",),
+        leaves="untouched",
+    ),
+    "rundir-resume-different-config": Case(
+        lambda c: resumable_run(c, **{"train.lr": 0.5}), ("differs", "train.lr"), leaves="untouched"
+    ),
+    "rundir-resume-damaged-state": Case(damaged_state, ("state.safetensors", "damaged"), leaves="kept"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_bad_input(kind, tmp_path, source, monkeypatch, capsys):
+    case = CASES[kind]
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    argv = case.make(ctx)
+    before = snapshot(ctx.out)
+    print(kind, "->", error_line(capsys, main(argv), case.code, *case.names))
+    if case.leaves == "untouched":
+        assert snapshot(ctx.out) == before and before is not None
+    elif case.leaves == "kept":  # a resumed run keeps its directory (here with the damaged file it reported)
+        assert not (ctx.out / "result.json").exists() and not list(ctx.out.rglob(".*.tmp"))
+    else:
+        no_partial_output(ctx.out, fresh_bad_input=case.leaves == "nothing")
+    if kind.startswith("checkpoint-malicious"):
+        assert not (tmp_path / "PWNED").exists(), "the pickle ran code"
+
+
+def test_matrix_covers_at_least_30_kinds():
+    assert len(CASES) >= 30
+    for area in ("config", "set", "usage", "data", "checkpoint", "rundir"):
+        assert any(k.startswith(area) for k in CASES), area
+
+
+# ----------------------------------------------------------------------------- failures while running (exit 1)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path, source, monkeypatch, capsys):
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    line = error_line(capsys, main(ctx.run("train.lr=1e30")), 1, "non-finite loss", "train.lr", "state.safetensors")
+    assert "epoch 1 step 2" in line  # step 1 overshoots, step 2 is NaN
+    no_partial_output(ctx.out, fresh_bad_input=False)
+    state = load_file(str(ctx.out / "state.safetensors"))  # the state of the last step that had a finite loss
+    assert all(torch.isfinite(v.float()).all() for k, v in state.items() if k.startswith("model/"))
+    # ... and it is resumable: the same NaN is reached again, deterministically
+    assert main(ctx.run("train.lr=1e30") + ["--resume"]) == 1
+    assert "epoch 1 step 2" in capsys.readouterr().err
+
+
+def test_non_finite_loss_in_the_roli_probe_names_the_probe_lr(tmp_path, source, monkeypatch, capsys):
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    argv = ctx.run("method.init=roli", "probe.lr=1e30", "probe.epochs=3", "data.n_train=64")
+    error_line(capsys, main(argv), 1, "non-finite loss", "in stage1", "probe.lr")
+    no_partial_output(ctx.out, fresh_bad_input=False)
+    assert not (ctx.out / "stage2").exists()
+
+
+def test_non_finite_source_weights_are_blamed_not_the_lr(tmp_path, source, monkeypatch, capsys):
+    """A checkpoint holding NaN: the very first loss is non-finite, before any update."""
+    from safetensors import safe_open
+
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    state = load_file(str(source))
+    state["backbone.cls_token"] = torch.full_like(state["backbone.cls_token"], float("nan"))
+    with safe_open(str(source), "pt") as f:
+        meta = f.metadata()
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata=meta)
+    line = error_line(capsys, main(ctx.run(f"model.checkpoint={tmp_path / 'nan.safetensors'}")), 1, "non-finite")
+    assert "before any update" in line and "model.checkpoint" in line and "no checkpoint was saved" in line
+    no_partial_output(ctx.out, fresh_bad_input=False)
+
+
+def test_disk_full_simulated_keeps_complete_files(tmp_path, source, monkeypatch, capsys):
+    """ENOSPC in the middle of writing the second state: the first one stays whole, the partial one goes."""
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    real, calls = train.save_file, []
+
+    def fill_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\x00" * 1000)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train, "save_file", fill_disk)
+    error_line(capsys, main(ctx.run()), 1, "disk full", "state.safetensors")
+    no_partial_output(ctx.out, fresh_bad_input=False)
+    with __import__("safetensors").safe_open(str(ctx.out / "state.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["state"])["progress"]["step"] == 1  # the first, complete state
+
+
+def test_disk_full_real_tmpfs(tmp_path, source, monkeypatch, capsys):
+    """A real 128 KiB tmpfs (needs root): the run fails with exit 1 and leaves no partial file."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        ctx = Ctx(tmp_path, source, monkeypatch)
+        ctx.out = mnt / "run"
+        error_line(capsys, main(ctx.run()), 1, "disk full")
+        no_partial_output(ctx.out, fresh_bad_input=False)
+        assert (ctx.out / "config.yaml").exists()  # what was written before the disk filled is whole
+        yaml.safe_load((ctx.out / "config.yaml").read_text())
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, source, monkeypatch, capsys):
+    ctx = Ctx(tmp_path, source, monkeypatch)
+
+    def oom(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(models.Classifier, "forward", oom)
+    error_line(capsys, main(ctx.run()), 1, "out of memory", "batch_size")
+    no_partial_output(ctx.out, fresh_bad_input=False)
+
+
+def test_bad_input_found_after_a_checkpoint_keeps_the_run_resumable(tmp_path, source, monkeypatch, capsys):
+    """Bad input met mid-run (here: at the second validation) once training state exists: exit 2, the run
+    directory and its state stay (no result.json), and after the fix --resume finishes it."""
+    from advtransfer.errors import UserError
+
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    real, calls = train.validate, []
+
+    def bad_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise UserError("data: cannot read image x.png: OSError")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "validate", bad_second)
+    error_line(capsys, main(ctx.run()), 2, "x.png")
+    no_partial_output(ctx.out, fresh_bad_input=False)
+    assert (ctx.out / "state.safetensors").exists()
+    monkeypatch.setattr(train, "validate", real)
+    assert main(ctx.run() + ["--resume"]) == 0 and (ctx.out / "result.json").exists()
+
+
+def test_unexpected_exception_is_one_line_and_debug_shows_it(tmp_path, source, monkeypatch, capsys):
+    ctx = Ctx(tmp_path, source, monkeypatch)
+    monkeypatch.setattr("advtransfer.pipeline.load_splits", lambda cfg: 1 / 0)
+    error_line(capsys, main(ctx.run()), 1, "internal error", "ZeroDivisionError", "division by zero", "--debug")
+    ctx.out = tmp_path / "run2"
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", *ctx.run()])
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "advtransfer", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)  # fmt: skip
+
+
+def test_subprocess_bad_config_exit_2_one_line(tmp_path, source):
+    ctx = Ctx(tmp_path, source, pytest.MonkeyPatch())
+    p = _cli(*ctx.run("attack.eps=0", "train.lrr=1"), cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("advtransfer: error: ") and "train.lrr" in p.stderr
+    assert not ctx.out.exists()
+    p = _cli("run", "--set", cwd=tmp_path)  # an argparse usage error is one line too
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_subprocess_malicious_pickle_is_refused_and_runs_no_code(tmp_path, source):
+    ctx = Ctx(tmp_path, source, pytest.MonkeyPatch())
+    path, marker = evil_pt(ctx)
+    argv = ctx.run(
+        "model.backbone=vit_tiny_patch16_224", f"model.kwargs={json.dumps(TINY)}", f"model.checkpoint={path}"
+    )
+    p = _cli(*argv, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "refused" in p.stderr.splitlines()[-1] and "Traceback" not in p.stderr
+    assert not marker.exists(), "unpickling ran code"
+    assert not ctx.out.exists()
+    with mock.patch(f"{os.system.__module__}.system") as system:  # the file is hostile: an unsafe load runs it
+        torch.load(path, weights_only=False)
+    system.assert_called_once_with(f"touch {marker}")
+
+
+def test_subprocess_debug_shows_the_traceback(tmp_path, source):
+    ctx = Ctx(tmp_path, source, pytest.MonkeyPatch())
+    p = _cli("--debug", *ctx.run("attack.eps=0"), cwd=tmp_path)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "attack.eps" in p.stderr
+
+
+# ----------------------------------------------------------------------------- fuzzing through main
+
+
+def _fake_run(cfg, out, **kw):
+    """Stands in for the pipeline: the config was parsed and validated, that is all the fuzz needs."""
+    return {"method": cfg.method.name, "init": cfg.method.init.value, "clean_acc": 0.0, "pgd_acc": 0.0,
+            "autoattack_acc": None, "n_eval": 0}  # fmt: skip
+
+
+FIELDS = ["seed", "name", "data", "model", "method", "attack", "train", "probe", "eval", "eps", "steps", "lr",
+          "epochs", "batch_size", "name", "options", "kwargs", "norm", "init", "n_val", "aa_attacks", "x"]  # fmt: skip
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.sampled_from(["8/255", "1/0", "Linf", "L2", "roli", "full", "lora", "0x10", "1e400"]),
+)  # fmt: skip
+trees = st.recursive(
+    scalars, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(FIELDS), kids, max_size=4)),
+    max_leaves=12,
+)  # fmt: skip
+set_items = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda k, v: f"{k}={v}", st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3).map(".".join),
+              st.text(max_size=15)),
+)  # fmt: skip
+
+
+def _outcome(argv: list[str], capsys) -> None:
+    with mock.patch("advtransfer.pipeline.run", _fake_run):
+        rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc in (0, 2), f"exit {rc}: {err}"
+    assert "Traceback" not in err
+    if rc == 2:
+        assert err.count("\n") == 1 and err.startswith("advtransfer: error:"), err
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.dictionaries(st.sampled_from(FIELDS), trees, max_size=5))
+def test_fuzz_config_file_through_main(tmp_path, capsys, tree):
+    path = tmp_path / "fuzz.yaml"
+    try:
+        path.write_text(yaml.safe_dump(tree, allow_unicode=True))
+    except UnicodeEncodeError:  # a lone surrogate cannot be written as UTF-8 at all
+        return
+    _outcome(["run", str(path), "--out", str(tmp_path / "out")], capsys)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_fuzz_config_text_through_main(tmp_path, capsys, text):
+    path = tmp_path / "fuzz.yaml"
+    try:
+        path.write_text(text)
+    except UnicodeEncodeError:
+        return
+    _outcome(["run", str(path), "--out", str(tmp_path / "out")], capsys)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(set_items, min_size=1, max_size=4))
+def test_fuzz_set_overrides_through_main(tmp_path, capsys, items):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    _outcome(["run", str(empty), "--out", str(tmp_path / "out"), *(a for it in items for a in ("--set", it))], capsys)
