@@ -75,7 +75,7 @@ def per_example_loss(
     raise ValueError(f"unknown attack loss {loss!r}")
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def uniform_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "Linf":
         delta = torch.empty_like(x).uniform_(-eps, eps)
     else:
@@ -101,8 +101,13 @@ def _ascend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) ->
     return delta + alpha * grad / g
 
 
-def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean_logits) -> torch.Tensor:
-    delta = _random_start(x, threat.eps, threat.norm) if random_start else torch.zeros_like(x)
+def _pgd_once(
+    model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean_logits, start=None
+) -> torch.Tensor:
+    if start is not None:  # a start drawn by the caller (e.g. for a whole global batch split across ranks)
+        delta = (x + _project(start.clone(), threat.eps, threat.norm)).clamp_(0, 1) - x
+    else:
+        delta = uniform_start(x, threat.eps, threat.norm) if random_start else torch.zeros_like(x)
     if loss == "kl" and not random_start:
         delta = (x + 0.001 * torch.randn_like(x)).clamp_(0, 1) - x  # TRADES' small Gaussian start
     for _ in range(threat.steps):
@@ -128,6 +133,7 @@ def pgd(
     random_start: bool = True,
     bf16: bool = False,
     clean_logits: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected gradient descent; returns adversarial images in ``[0,1]`` within ``threat.eps`` of ``x``.
 
@@ -138,13 +144,14 @@ def pgd(
         restarts: random restarts; the per-example worst case is kept.
         loss: ``ce`` (cross-entropy), ``margin`` (CW-style), or ``kl`` (TRADES; needs ``clean_logits``).
         bf16: craft under bf16 autocast (training speed); reported evaluations use fp32.
+        start: the first restart's initial perturbation (default: drawn here, uniform in the ball).
     """
     was_training = model.training
     model.eval()
     try:
         with params_frozen(model):
             if restarts == 1:
-                return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits)
+                return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, start)
             best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
             fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
             for _ in range(restarts):

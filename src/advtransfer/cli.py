@@ -164,9 +164,11 @@ def _kv(items: list[str]) -> dict:
 
 
 def cmd_run(args, pretrain: bool = False) -> None:
+    from . import distributed
     from .config import load_config
     from .pipeline import run
 
+    distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
     base = {"method": {"name": "full", "init": "ranli"}} if pretrain else None
     cfg = load_config(args.config, args.sets, base=base)
     out = Path(args.out or Path("runs") / Path(args.config).stem)

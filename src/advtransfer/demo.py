@@ -7,6 +7,7 @@ runs are skipped, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .config import load_config
+from .models import atomic_write
 from .pipeline import RESULT, run
 from .report import results_table
 
@@ -31,10 +33,17 @@ def demo_configs(out: Path, methods: list[str]) -> list[tuple[Path, object]]:
             continue
         for init in ("ranli", "roli"):
             sets = [f"method.name={m}", f"method.init={init}"]
-            if init == "roli":
+            cfg_base = base
+            if init == "roli":  # the reused probe is the linear-ranli run: record its settings as `probe`
                 sets.append(f"method.probe_run={out / 'linear-ranli'}")
-            runs.append((out / f"{m}-{init}", load_config(overrides=sets, base=base)))
+                cfg_base = {**base, "probe": base["train"]}
+            runs.append((out / f"{m}-{init}", load_config(overrides=sets, base=cfg_base)))
     return runs
+
+
+def _epochs(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def run_demo(out: Path, methods: list[str] | None = None, overwrite: bool = False) -> str:
@@ -43,18 +52,18 @@ def run_demo(out: Path, methods: list[str] | None = None, overwrite: bool = Fals
     cards = []
     for path, cfg in demo_configs(out, methods):
         if (path / RESULT).exists() and not overwrite:
-            import json
-
             cards.append(json.loads((path / RESULT).read_text()))
             continue
-        cards.append(run(cfg, path, overwrite=overwrite))
+        resume = not overwrite and (path / "config.yaml").exists()  # an interrupted demo continues
+        cards.append(run(cfg, path, overwrite=overwrite, resume=resume))
     c = cards[0]
     header = (
-        f"Demo: robust MNIST mini-ViT -> Fashion-MNIST, eps={c['eps']} {c['norm']}; train {2000} images x 3 epochs "
+        f"Demo: robust MNIST mini-ViT -> Fashion-MNIST, eps={c['eps']} {c['norm']}; train {c.get('n_train')} images x "
+        f"{len(_epochs(out / 'linear-ranli'))} epochs "
         f"(PGD-7), test clean/PGD-10 on n={c['n_eval']}, AutoAttack (standard) on n={c.get('n_autoattack')}; "
         f"wall {time.time() - t0:.0f} s"
     )
     table = header + "\n\n" + results_table(cards)
-    (out / "report.md").write_text("# advtransfer demo\n\n" + table + "\n")
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("# advtransfer demo\n\n" + table + "\n"))
     print(table)
     return table

@@ -63,6 +63,15 @@ def gather_cat(t: torch.Tensor, n_total: int) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+def all_sum(values: list[float]) -> list[float]:
+    """Sum numbers over ranks (identity in one process)."""
+    if world() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -152,7 +152,7 @@ def _load_aa_state(path: Path | None, key: dict) -> dict | None:
 
 def _save_aa_state(path: Path | None, state: dict) -> None:
     if path is not None:
-        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(state)))
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(state)), all_ranks=True)
 
 
 def _noise(p: float, n: int) -> float:

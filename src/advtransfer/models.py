@@ -120,13 +120,17 @@ _UMASK = os.umask(0o022)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
 
 
-def atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any, all_ranks: bool = False) -> None:
     """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it.
 
     Any failure removes the temporary file, so ``path`` holds either its old content or the new one, never
     a part. A full disk (``ENOSPC``, also when safetensors reports it) is raised as ``OSError(ENOSPC)``
-    naming ``path``.
+    naming ``path``. Under torch.distributed only rank 0 writes (unless ``all_ranks``).
     """
+    from .distributed import is_main
+
+    if not (all_ranks or is_main()):
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from . import distributed as D
 from .attacks import Threat
 from .config import Init, RunConfig, to_dict
 from .data import Splits, load_splits
@@ -246,7 +247,7 @@ def make_model(cfg: RunConfig, spec: ModelSpec, seed: int) -> Classifier:
         raise UserError(f"data: need at least 2 classes, got {spec.num_classes}")
     if cfg.model.checkpoint:
         load_backbone_weights(model, Path(cfg.model.checkpoint))
-    return apply_method(model, spec.method["name"], spec.method["options"])
+    return apply_method(model, spec.method["name"], spec.method["options"]).to(D.device())
 
 
 def head_prefix(model: Classifier) -> str:
@@ -277,10 +278,16 @@ def _threats(cfg: RunConfig) -> tuple[Threat, Threat, Threat]:
 def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool) -> dict:
     """Clean + PGD on the test split, AutoAttack on its first ``n_autoattack`` examples; masks saved."""
     e = cfg.eval
-    x, y = splits.test.tensors()
+    n_test = len(splits.test)
+    lo, hi = D.shard_bounds(n_test)  # under torchrun every rank evaluates a shard; masks are gathered
+    dev = next(model.parameters()).device
+    x, y = (t.to(dev) for t in splits.test.tensors(torch.arange(lo, hi)))
     common = dict(eps=cfg.eps, norm=cfg.attack.norm.value, pgd_steps=e.pgd_steps, pgd_step_size=cfg.step_size,
                   pgd_restarts=e.pgd_restarts, batch_size=e.batch_size, seed=cfg.seed, num_classes=splits.num_classes)  # fmt: skip
     res = evaluate(model, x, y, attacks=("clean", "pgd"), **common)
+    if D.world() > 1:
+        res["masks"] = {k: D.gather_cat(m.to(torch.uint8), n_test).bool() for k, m in res["masks"].items()}
+        res.update({k: m.float().mean().item() for k, m in res["masks"].items()}, n=n_test)
     out_res = {
         "clean_acc": res["clean"],
         "pgd_acc": res["pgd"],
@@ -291,11 +298,16 @@ def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, auto
     masks = {k: v.to(torch.uint8) for k, v in res["masks"].items()}
     out_res["autoattack_acc"] = None
     if autoattack:
-        n = min(e.n_autoattack or len(x), len(x))
-        aa = evaluate(model, x[:n], y[:n], attacks=("autoattack",), aa_version=e.aa_version, aa_attacks=e.aa_attacks,
-                      aa_state=out / "autoattack_state.json", checks=False, **common)  # fmt: skip
+        n = min(e.n_autoattack or n_test, n_test)
+        a_lo, a_hi = D.shard_bounds(n)
+        xa, ya = (t.to(dev) for t in splits.test.tensors(torch.arange(a_lo, a_hi)))
+        state = out / ("autoattack_state.json" if D.world() == 1 else f"autoattack_state.rank{D.rank()}.json")
+        aa = evaluate(model, xa, ya, attacks=("autoattack",), aa_version=e.aa_version, aa_attacks=e.aa_attacks,
+                      aa_state=state, checks=False, **common)  # fmt: skip
+        aa_mask = D.gather_cat(aa["masks"]["autoattack"].to(torch.uint8), n).bool()
+        aa["autoattack"] = aa_mask.float().mean().item()
         out_res.update(autoattack_acc=aa["autoattack"], n_autoattack=n, autoattack_settings=aa["autoattack_settings"])
-        masks["autoattack"] = aa["masks"]["autoattack"].to(torch.uint8)
+        masks["autoattack"] = aa_mask.to(torch.uint8)
         from .evaluate import result_flags
 
         sub = {
@@ -346,7 +358,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         raise UserError(
             "config: init 'roli' needs a finetuning method other than 'linear' (RoLI's stage 1 is the linear probe)"
         )
-    rd = RunDir(out, to_dict(cfg), resume=resume, overwrite=overwrite)
+    if D.is_main():
+        rd = RunDir(out, to_dict(cfg), resume=resume, overwrite=overwrite)
+    else:  # other torchrun ranks follow rank 0's decision and write nothing
+        rd = _Follower()
+    rd.resuming = D.all_sum([float(rd.resuming)])[0] > 0
     discard = False
     try:
         return _run(cfg, out, rd)
@@ -384,12 +400,42 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     model, best = run_stage(cfg, splits, spec, final_dir, cfg.train, rd.log, resume, head_from)
     rd.log(f"best epoch {best['epoch'] + 1}: val clean {best['val_clean']:.4f} val pgd {best['val_pgd']:.4f}; testing")
     res = test_eval(model, splits, cfg, final_dir, cfg.eval.autoattack)
+    res.update(n_train=len(splits.train), n_val=len(splits.val))
     card = result_card(cfg, spec, model, best, res, time.time() - t0)
     if final_dir != out:
         write_json(final_dir / RESULT, card)
     write_json(out / RESULT, card)
     rd.log(f"result: clean {card['clean_acc']:.4f} pgd {card['pgd_acc']:.4f} autoattack {card['autoattack_acc']}")
     return card
+
+
+class _Follower:
+    """The run directory as seen by a rank other than 0: no lock, no log, no writes."""
+
+    resuming = False
+
+    def log(self, msg: str) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def release(self, remove_if_created: bool = False) -> None:
+        pass
+
+
+def check_probe(probe: ModelSpec, spec: ModelSpec, path: Path) -> None:
+    """A reused RoLI probe must be a linear probe of the same source, classes and threat model."""
+    problems = []
+    if probe.method.get("name") != "linear":
+        problems.append(f"it was trained with method {probe.method.get('name')!r}, not 'linear'")
+    for key, what in (("source", "source checkpoint"), ("dataset", "dataset"), ("eps", "eps"), ("norm", "norm")):
+        if probe.trained.get(key) != spec.trained.get(key):
+            problems.append(f"its {what} is {probe.trained.get(key)!r}, not {spec.trained.get(key)!r}")
+    if probe.classes and spec.classes and probe.classes != spec.classes:
+        problems.append("its classes differ")
+    if problems:
+        raise UserError(f"config: method.probe_run {path.parent} does not fit this run: " + "; ".join(problems))
 
 
 def check_channels(spec: ModelSpec, channels: int) -> None:
@@ -406,6 +452,7 @@ def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, log, 
         path = probe / "best.safetensors"
         if not path.is_file():
             raise UserError(f"config: method.probe_run {probe} holds no best.safetensors")
+        check_probe(read_spec(path), spec, path)
         log(f"RoLI: reusing the linear probe of {probe}")
         return path
     s1 = out / "stage1"
@@ -415,6 +462,7 @@ def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, log, 
     lin_cfg = replace(cfg, method=replace(cfg.method, name="linear", options={}))
     model, best = run_stage(lin_cfg, splits, lin_spec, s1, cfg.probe, log, resume, None)
     res = test_eval(model, splits, lin_cfg, s1, autoattack=False)
+    res.update(n_train=len(splits.train), n_val=len(splits.val))
     write_json(s1 / RESULT, result_card(lin_cfg, lin_spec, model, best, res, 0.0))
     return s1 / "best.safetensors"
 
@@ -439,6 +487,6 @@ def result_card(cfg: RunConfig, spec: ModelSpec, model: Classifier, best: dict, 
         "val_pgd": best["val_pgd"],
         "trainable_params": count(model),
         "total_params": count(model, only_trainable=False),
-        "n_train": None,
+        "train_attack": {"steps": cfg.attack.steps, "step_size": cfg.step_size},
         "seconds": round(seconds, 1),
     }

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .attacks import Threat, autocast, pgd
+from . import distributed as D
+from .attacks import Threat, autocast, pgd, uniform_start
 from .config import Objective, Optimizer, TrainConfig
 from .data import Split, batches
 from .errors import RunError, UserError
@@ -35,11 +36,22 @@ class Interrupted(Exception):
     """Ctrl-C during training: the state was saved; resume with ``--resume``."""
 
 
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that must not decay although ``ndim >= 2``: the backbone's own list (timm's
+    ``no_weight_decay``: cls/pos/register tokens) and VPT prompts."""
+    backbone = getattr(model, "backbone", None)
+    own = backbone.no_weight_decay() if backbone is not None and hasattr(backbone, "no_weight_decay") else set()
+    names = {n for n, _ in model.named_parameters()}
+    return {n for n in names if n.removeprefix("backbone.") in own or n.endswith(".prompts")}
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay by rule: on trainable parameters with ``ndim >= 2`` only (not biases, norms, tokens)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
+    """Weight decay by rule: on trainable weight matrices/kernels (``ndim >= 2``) only — not biases, norms,
+    or tokens and prompts (``no_decay_names``)."""
+    skip = no_decay_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and n not in skip]
+    rest = [p for n, p in named if p.ndim < 2 or n in skip]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == Optimizer.SGD:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -61,6 +73,16 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, except sub-modules whose parameters are all frozen stay in ``eval()``: a linear
+    probe or a PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features."""
+    model.train()
+    for m in model.modules():
+        ps = list(m.parameters())
+        if ps and not any(p.requires_grad for p in ps):
+            m.eval()  # recursive: its whole subtree (dropout, BatchNorm, drop-path) is frozen
+
+
 def train_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -68,28 +90,35 @@ def train_step(
     y: torch.Tensor,
     threat: Threat,
     cfg: TrainConfig,
+    ddp: torch.nn.Module | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[float, int]:
-    """One optimiser step on the configured objective; returns (loss, correct predictions on the trained inputs)."""
+    """One optimiser step on the configured objective; returns (loss, correct predictions on the trained inputs).
+
+    Attacks are crafted on ``model``; the training forward/backward goes through ``ddp`` (the DDP wrapper of
+    ``model``, which averages gradients across ranks) when given; ``start`` is PGD's initial perturbation.
+    """
     if cfg.objective == Objective.NATURAL:
         x_in = x
     elif cfg.objective == Objective.AT:
-        x_in = pgd(model, x, y, threat, bf16=cfg.bf16)
+        x_in = pgd(model, x, y, threat, bf16=cfg.bf16, start=start)
     else:  # TRADES: maximise KL to the clean prediction from a small Gaussian start
         model.eval()
         with torch.no_grad(), autocast(cfg.bf16, x.device):
             clean = model(x)
         x_in = pgd(model, x, y, threat, loss="kl", random_start=False, bf16=cfg.bf16, clean_logits=clean)
-    model.train()
+    train_mode(model)
+    net = ddp or model
     opt.zero_grad(set_to_none=True)
     with autocast(cfg.bf16, x.device):
         if cfg.objective == Objective.TRADES:
-            both = model(torch.cat([x, x_in])).float()
+            both = net(torch.cat([x, x_in])).float()
             logits, adv = both[: len(x)], both[len(x) :]
             kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(logits, 1), reduction="batchmean")
             loss = F.cross_entropy(logits, y) + cfg.trades_beta * kl
             logits = adv
         else:
-            logits = model(x_in).float()
+            logits = net(x_in).float()
             loss = F.cross_entropy(logits, y)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()})")
@@ -235,11 +264,13 @@ def validate(model: Classifier, split: Split, threat: Threat, batch_size: int) -
     """Clean and PGD accuracy on a split (fp32, eval mode)."""
     from .evaluate import clean_correct, pgd_correct
 
-    x, y = split.tensors()
-    return {
-        "val_clean": clean_correct(model, x, y, batch_size).float().mean().item(),
-        "val_pgd": pgd_correct(model, x, y, threat, batch_size=batch_size).float().mean().item(),
-    }
+    n = len(split)
+    lo, hi = D.shard_bounds(n)
+    dev = next(model.parameters()).device
+    x, y = (t.to(dev) for t in split.tensors(torch.arange(lo, hi)))
+    clean = D.gather_cat(clean_correct(model, x, y, batch_size).to(torch.uint8), n).bool()
+    rob = D.gather_cat(pgd_correct(model, x, y, threat, batch_size=batch_size).to(torch.uint8), n).bool()
+    return {"val_clean": clean.float().mean().item(), "val_pgd": (rob & clean).float().mean().item()}
 
 
 def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: bool = False) -> dict:
@@ -269,6 +300,12 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
         np.random.seed(stage.seed % 2**32)
         metrics_path.unlink(missing_ok=True)
 
+    dev = next(model.parameters()).device
+    ddp = None
+    if D.world() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     with StopRequest() as stop:
         for epoch in range(progress["epoch"], cfg.epochs):
             t0 = time.time()
@@ -283,8 +320,17 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             )
             try:
                 for x, y in bar:
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    # PGD's random start is drawn for the whole global batch, then each rank takes its
+                    # shard: N ranks take exactly the steps one process takes at the same global batch
+                    start0 = (
+                        uniform_start(x, stage.threat.eps, stage.threat.norm) if cfg.objective == Objective.AT else None
+                    )
+                    lo, hi = D.shard_bounds(len(y))
+                    x, y = x[lo:hi], y[lo:hi]
+                    start0 = None if start0 is None else start0[lo:hi]
                     try:
-                        loss, correct = train_step(model, opt, x, y, stage.threat, cfg)
+                        loss, correct = train_step(model, opt, x, y, stage.threat, cfg, ddp=ddp, start=start0)
                     except FloatingPointError as e:
                         kept = (
                             f"last good state kept in {stage.state_path}"
@@ -313,10 +359,11 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             except KeyboardInterrupt:  # a second Ctrl-C, or no handler (not the main thread): mid-step, unsaved
                 kept = stage.state_path if stage.state_path.exists() else "nothing saved yet"
                 raise Interrupted(f"interrupted mid-step; last saved state kept ({kept})") from None
+            sums = D.all_sum([progress["loss_sum"], progress["correct"], progress["seen"]])
             record = {
                 "epoch": epoch,
-                "train_loss": progress["loss_sum"] / max(1, progress["seen"]),
-                "train_acc": progress["correct"] / max(1, progress["seen"]),
+                "train_loss": sums[0] / max(1, sums[2]),
+                "train_acc": sums[1] / max(1, sums[2]),
                 "lr": sched.get_last_lr()[0],
                 **validate(model, val, stage.val_threat, stage.eval_batch_size),
                 "seconds": round(time.time() - t0, 2),  # wall time: the one field that differs between runs
@@ -334,6 +381,7 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             save_state(stage.state_path, model, opt, sched, progress)
             if stop.requested:
                 raise Interrupted(f"interrupted; state saved in {stage.state_path}")
+    D.barrier()  # rank 0 has written best/state before anyone reads them
     return progress["best"]
 
 
