@@ -7,11 +7,12 @@ training jobs, intra-op threads that spin-wait against other processes make tiny
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from advtransfer.models import Classifier, ModelSpec, build
+from advtransfer.models import Classifier, ModelSpec, build, save_checkpoint
 
 torch.set_num_threads(int(os.environ.get("ADVTRANSFER_TEST_THREADS", "1")))
 
@@ -27,3 +28,13 @@ def tiny_spec() -> ModelSpec:
 def tiny_vit(tiny_spec: ModelSpec) -> Classifier:
     torch.manual_seed(0)
     return build(tiny_spec).eval()
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory) -> Path:
+    """A tiny 1-channel mini-ViT source checkpoint (untrained is enough for plumbing runs)."""
+    torch.manual_seed(0)
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY_VIT), 10, mean=[0.5], std=[0.5])
+    path = tmp_path_factory.mktemp("src") / "tiny.safetensors"
+    save_checkpoint(build(spec), spec, path)
+    return path

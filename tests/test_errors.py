@@ -52,15 +52,6 @@ BASE = {
 # ----------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
-    path = tmp_path_factory.mktemp("src") / "tiny.safetensors"
-    save_checkpoint(build(spec), spec, path)
-    return path
-
-
 @dataclass
 class Ctx:
     """What a case builds on: a temp folder, the source checkpoint, a base config, the run dir, monkeypatch."""

@@ -7,12 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
 from advtransfer.cli import main
-from advtransfer.models import ModelSpec, build, read_state, save_checkpoint
+from advtransfer.models import read_state
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 FAST = [
@@ -30,16 +29,6 @@ FAST = [
     "eval.aa_version=custom",
     "eval.aa_attacks=[apgd-ce]",
 ]
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """A tiny 1-channel mini-ViT source checkpoint (untrained is enough for plumbing)."""
-    torch.manual_seed(0)
-    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
-    path = tmp_path_factory.mktemp("src") / "tiny.safetensors"
-    save_checkpoint(build(spec), spec, path)
-    return path
 
 
 def _config(tmp_path: Path, source: Path, **method) -> Path:

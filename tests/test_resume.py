@@ -33,15 +33,6 @@ TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_he
 TIMING = {"seconds"}  # wall-clock fields: the only ones allowed to differ
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
-    path = tmp_path_factory.mktemp("src") / "tiny.safetensors"
-    save_checkpoint(build(spec), spec, path)
-    return path
-
-
 def write_config(folder: Path, source: Path, name: str, **changes) -> Path:
     cfg = {
         "data": {"name": "fashion-mnist", "n_train": 64, "n_val": 32, "n_test": 32},

@@ -26,16 +26,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"advtransfer: error: {where}{one_line(message)} (see --help)\n")
 
 
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. train.lr=3e-4 (repeatable)",
-    )
+    _add_set(p, "override one config key, e.g. train.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -136,14 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--slurm", default="", metavar="FILE", help="write a SLURM array script (and the configs) instead of running"
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key in every run (repeatable)",
-    )
+    _add_set(p, "override a key in every run (repeatable)")
     p.add_argument("--no-report", action="store_true", help="do not write report.md/.html into --out at the end")
     return ap
 
