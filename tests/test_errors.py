@@ -243,10 +243,13 @@ def damaged_state(ctx: Ctx) -> list[str]:
     return argv
 
 
-def probe_dir(ctx: Ctx, head_classes: int) -> Path:
+def probe_dir(ctx: Ctx, head_classes: int, method: str = "linear") -> Path:
     d = ctx.tmp / "probe"
     d.mkdir()
-    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), head_classes, mean=[0.5], std=[0.5])
+    # a genuine linear probe of this source, dataset and threat model — only its head has the wrong shape
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), head_classes, mean=[0.5], std=[0.5],
+                     method={"name": method, "options": {}},
+                     trained={"source": str(ctx.source), "dataset": "fashion-mnist", "eps": "0.1", "norm": "Linf"})  # fmt: skip
     save_checkpoint(build(spec), spec, d / "best.safetensors")
     return d
 
@@ -474,6 +477,10 @@ CASES: dict[str, Case] = {
     "checkpoint-roli-head-wrong-shape": Case(
         lambda c: c.run("method.init=roli", f"method.probe_run={probe_dir(c, head_classes=5)}"),
         ("does not fit", "shape mismatch", "head"),
+    ),
+    "checkpoint-roli-probe-not-a-linear-probe": Case(
+        lambda c: c.run("method.init=roli", f"method.probe_run={probe_dir(c, head_classes=10, method='full')}"),
+        ("does not fit", "not 'linear'"),
     ),
     "checkpoint-roli-probe-run-without-best": Case(
         lambda c: c.run("method.init=roli", f"method.probe_run={c.tmp}"), ("probe_run", "no best.safetensors")
