@@ -47,8 +47,9 @@ def ms(xs: list[float]) -> str:
     if not xs:
         return "—"
     m = 100 * statistics.mean(xs)
-    s = 100 * statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.2f} ± {s:.2f}"
+    if len(xs) == 1:
+        return f"{m:.2f} (1 seed)"
+    return f"{m:.2f} ± {100 * statistics.stdev(xs):.2f}" + ("" if len(xs) == 3 else f" ({len(xs)} seeds)")
 
 
 def main(root: str, wall: str) -> None:
@@ -72,6 +73,14 @@ def main(root: str, wall: str) -> None:
         "python scripts/results_md.py runs/embedded '<wall time>'",
         "```",
         "",
+        *(
+            [
+                f"**PARTIAL: {len(cs)} of 72 runs had finished when this page was written** (the sweep was started late in the first session; rerun the command above — finished runs are skipped — and this script to complete it). Cells with fewer than 3 seeds show the seeds they have; findings below are provisional.",
+                "",
+            ]
+            if len(cs) < 72
+            else []
+        ),
         f"{len(cs)} runs; wall time {wall} on the 2-core CPU machine (2 single-thread workers). All numbers below",
         "come from those run directories; mean ± sample std over the 3 seeds; n = 1,000 test images per run",
         "(binomial standard error ≈ 1.5 points at 50 %).",
