@@ -169,22 +169,21 @@ def main(root: str, wall: str) -> None:
     lines += [f"3. **Transferred robustness correlates with transferred accuracy — not testable here.** The correlation needs ≥ 3 (source, dataset) groups; the embedded benchmark has {len(pts)} with both TA and TR"
               + ("" if not pts else " (" + "; ".join(f"{name}: TA {ta:.3f}, TR {tr:.3f}" for name, ta, tr in pts) + ")")
               + f"; Pearson r = {r if r is not None else 'n/a'}. Definitions: `docs/metrics.md`.", ""]  # fmt: skip
-    better_p = [
-        m
-        for m in METHODS
-        if pick(cs, "robust", m, "roli")
-        and pick(cs, "robust", m, "ranli")
-        and statistics.mean(c["pgd_acc"] for c in pick(cs, "robust", m, "roli").values())
-        > statistics.mean(c["pgd_acc"] for c in pick(cs, "robust", m, "ranli").values())
-    ]
-    better_c = [
-        m
-        for m in METHODS
-        if pick(cs, "robust", m, "roli")
-        and pick(cs, "robust", m, "ranli")
-        and statistics.mean(c["clean_acc"] for c in pick(cs, "robust", m, "roli").values())
-        > statistics.mean(c["clean_acc"] for c in pick(cs, "robust", m, "ranli").values())
-    ]
+
+    def roli_wins(key: str) -> list[str]:
+        """Methods whose RoLI mean beats their RanLI mean on ``key`` (robust source, both inits present)."""
+        out = []
+        for m in METHODS:
+            ra, ro = pick(cs, "robust", m, "ranli"), pick(cs, "robust", m, "roli")
+            if (
+                ra
+                and ro
+                and statistics.mean(c[key] for c in ro.values()) > statistics.mean(c[key] for c in ra.values())
+            ):
+                out.append(m)
+        return out
+
+    better_p, better_c = roli_wins("pgd_acc"), roli_wins("clean_acc")
     n_m = len([m for m in METHODS if pick(cs, "robust", m, "roli")])
     verdict = (
         "reproduced"
