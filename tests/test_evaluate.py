@@ -153,7 +153,7 @@ def test_autoattack_resume_gives_same_mask(natural_mlp, mnist, tmp_path):
         autoattack_correct(crash, x, y, eps=eps, seed=0, batch_size=20, state_path=state)
     assert json.loads(state.read_text())["done"] == ["apgd-ce"]
     resumed, _ = autoattack_correct(natural_mlp, x, y, eps=eps, seed=0, batch_size=20, state_path=state)
-    assert 0 < full.sum() < full.numel() or full.sum() > 0
+    assert full.any()  # some examples survive APGD-CE, so the resumed attacks have work to do
     assert torch.equal(resumed, full)
 
 

@@ -127,7 +127,7 @@ LINEAR_ONLY = ("fourierft", "randlora")  # peft implements these for nn.Linear o
 def _target_regex(model: Classifier, targets: tuple[str, ...] | list[str] | None) -> str:
     """A full-match regex over module names; by default the transformer linears, else ResNet convs."""
     names = [n for n, _ in model.backbone.named_modules()]
-    head = next(n for n, m in model.backbone.named_modules() if m is model.head)
+    head = model.head_name
     for cand in [targets] if targets else [DEFAULT_TARGETS, CONV_TARGETS]:
         alts = "|".join(re.escape(t) for t in cand)
         rx = rf"(?!{re.escape(head)}$)(.*\.)?({alts})"

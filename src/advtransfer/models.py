@@ -57,6 +57,11 @@ class Classifier(nn.Module):
     def head(self) -> nn.Module:
         return self.backbone.get_classifier()
 
+    @property
+    def head_name(self) -> str:
+        """The head's module name inside ``backbone`` (``head``, ``head.fc``, ``fc``, ...)."""
+        return next(n for n, m in self.backbone.named_modules() if m is self.head)
+
 
 @dataclass
 class ModelSpec:
@@ -258,7 +263,7 @@ def load_backbone_weights(model: Classifier, path: Path) -> None:
     if any(k.startswith("backbone.") for k in source):  # one of ours: drop the preprocessing buffers
         source = {k[len("backbone.") :]: v for k, v in source.items() if k.startswith("backbone.")}
     target = model.backbone.state_dict()
-    head_prefix = next(n for n, m in model.backbone.named_modules() if m is model.head) + "."
+    head_prefix = model.head_name + "."
     head = {k for k in (*target, *source) if k.startswith(head_prefix)}
     check_keys(target, source, path, skip=head)
     state = {k: v for k, v in source.items() if k not in head}

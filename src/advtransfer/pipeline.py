@@ -251,7 +251,7 @@ def make_model(cfg: RunConfig, spec: ModelSpec, seed: int) -> Classifier:
 
 
 def head_prefix(model: Classifier) -> str:
-    return "backbone." + next(n for n, m in model.backbone.named_modules() if m is model.head) + "."
+    return f"backbone.{model.head_name}."
 
 
 def load_head(model: Classifier, path: Path) -> None:
