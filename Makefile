@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp-install
 export ADVTRANSFER_DATA ?= $(CURDIR)/.data
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data demo test bench lint clean
+.PHONY: install data demo test bench benchmark-embedded lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,14 @@ test: install data
 
 bench: install data
 	$(BIN)/python benchmarks/bench.py
+
+# The embedded benchmark (docs/results.md): 90 runs, about 1.8 h of single-thread run time; finished runs are skipped.
+EMBEDDED := runs/embedded
+benchmark-embedded: install data
+	for g in grid transfer natural_ft; do \
+	  $(BIN)/advtransfer sweep configs/embedded/$$g.yaml --out $(EMBEDDED) --workers 2 --set eval.autoattack=false || exit 1; done
+	$(BIN)/advtransfer report $(EMBEDDED)
+	$(BIN)/python scripts/results_md.py $(EMBEDDED) "see the sweeps' logs in $(EMBEDDED)/_sweep/logs for wall times"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

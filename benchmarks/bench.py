@@ -10,7 +10,8 @@ The *reference algorithm* (our own re-implementation of what the paper's code do
 step calls ``loss.backward()`` (weight gradients included, then thrown away); the best iterate is picked
 by batch-mean loss; one extra final forward scores the last iterate; then the training step.
 Ours: input-only gradients (``torch.autograd.grad`` w.r.t. δ), frozen parameters outside autograd,
-optionally bf16 autocast for attack + step (``train.bf16``) and channels_last for ConvNets.
+optionally bf16 autocast for attack + step (``train.bf16``), channels_last for ConvNets, and
+torch.compile (``train.compile``; Full-FT only, its compile time is printed apart from the step time).
 
 The last lines printed are ``name=value`` figures (geometric means over the models for Full-FT).
 """
@@ -101,15 +102,19 @@ def case_train(model_name: str, method: str, impl: str, iters: int) -> dict:
     if impl == "ours_cl":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    cfg = TrainConfig(lr=1e-4, bf16=impl == "ours_bf16")
+    cfg = TrainConfig(lr=1e-4, bf16=impl.endswith("bf16"), compile=impl.startswith("ours_compile"))
     opt = make_optimizer(model, cfg)
     threat = Threat(EPS, "Linf", STEPS)
+    runner = torch.compile(model) if cfg.compile else model  # what fit() does with train.compile
     if impl == "reference":
         step = lambda: reference_train_step(model, opt, x, y, EPS, EPS / 4, STEPS)  # noqa: E731
     else:
-        step = lambda: train_step(model, opt, x, y, threat, cfg)  # noqa: E731
+        step = lambda: train_step(runner, opt, x, y, threat, cfg)  # noqa: E731
+    t = time.perf_counter()
+    step()  # the first step pays any compilation; reported separately
+    first = time.perf_counter() - t
     sec = _time(step, warmup=1, iters=iters)
-    return {"seconds": sec, "img_per_s": len(x) / sec}
+    return {"seconds": sec, "img_per_s": len(x) / sec, "first_step_s": first}
 
 
 def case_pgd_eval(model_name: str, impl: str, iters: int) -> dict:
@@ -176,25 +181,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="mini-ViT only, fewer iterations")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (they compile for minutes)")
     args = ap.parse_args()
     models = ["minivit28"] if args.quick else list(MODELS)
     rows, figures = [], {}
     print(f"torch {torch.__version__}, {args.threads} threads, eps {EPS:.4f}, PGD-{STEPS} training, PGD-10 eval")
-    print(f"{'model':<12} {'method':<7} {'impl':<10} {'img/s':>8} {'ms/step':>9} {'peak MB':>8}  ratio vs reference")
+    print(f"{'model':<12} {'method':<7} {'impl':<17} {'img/s':>8} {'ms/step':>9} {'peak MB':>8}  ratio vs reference")
     for m in models:
         iters = 3 if args.quick else MODELS[m][5]
         for method in METHODS:
             if method == "vpt" and m.startswith("resnet"):
                 continue
             impls = ["reference", "ours_fp32", "ours_bf16"] + (["ours_cl"] if m.startswith("resnet") else [])
+            if method == "full" and not args.no_compile:  # compile time (~1 min per graph here): Full-FT only
+                impls += ["ours_compile", "ours_compile_bf16"]
             ref = None
             for impl in impls:
                 r = run_case("train", m, method, impl, iters, threads=args.threads)
                 ref = ref or r["seconds"]
                 ratio = ref / r["seconds"]
                 rows.append({"model": m, "method": method, "impl": impl, **r, "speedup": ratio})
+                first = f"  (first step {r['first_step_s']:.0f} s: compile)" if impl.startswith("ours_compile") else ""
                 print(
-                    f"{m:<12} {method:<7} {impl:<10} {r['img_per_s']:8.1f} {1000 * r['seconds']:9.1f} {r['peak_rss_mb']:8.0f}  {ratio:.2f}x",
+                    f"{m:<12} {method:<7} {impl:<17} {r['img_per_s']:8.1f} {1000 * r['seconds']:9.1f} {r['peak_rss_mb']:8.0f}  {ratio:.2f}x{first}",
                     flush=True,
                 )
     for m in models:
@@ -225,6 +234,12 @@ def main() -> None:
     figures["train_step_speedup_fp32"] = geomean(sp("ours_fp32"))
     figures["train_step_speedup_bf16"] = geomean(sp("ours_bf16"))
     figures["train_step_speedup_best"] = geomean([max(a, b) for a, b in zip(sp("ours_fp32"), sp("ours_bf16"))])
+    if not args.no_compile:
+        figures["train_step_speedup_fp32_compiled"] = geomean(sp("ours_compile"))
+        figures["train_step_speedup_bf16_compiled"] = geomean(sp("ours_compile_bf16"))
+        figures["train_step_speedup_best_any"] = geomean(
+            [max(r["speedup"] for r in rows if r.get("model") == m and r.get("method") == "full") for m in models]
+        )
     for method in METHODS:
         figures[f"train_step_speedup_fp32_{method}"] = geomean(sp("ours_fp32", method))
     figures["pgd_eval_speedup_vs_torchattacks"] = geomean(

@@ -253,3 +253,19 @@ def test_matches_torchattacks_pgd(mlp: nn.Module, mnist) -> None:
         ref = _acc(mlp, ref_adv, y)
         assert 0.1 < ref < clean - 0.2, f"eps={eps}: reference robust accuracy {ref} makes a weak comparison"
         assert abs(ours - ref) <= 0.05, f"eps={eps}: ours {ours:.3f} vs torchattacks {ref:.3f}"
+
+
+def test_bf16_on_cpu_uses_math_attention(tiny_vit: Classifier, mnist) -> None:
+    """bf16 crafting on CPU runs attention on the math path (the fused CPU kernel's bf16 backward is slow on
+    short sequences, docs/performance.md); the backend flags are restored afterwards; logits stay close."""
+    from advtransfer.attacks import autocast
+
+    (x, _), _ = mnist
+    before = torch.backends.cuda.flash_sdp_enabled()
+    with torch.no_grad():
+        ref = tiny_vit(x[:16])
+        with autocast(True, torch.device("cpu")):
+            assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+            low = tiny_vit(x[:16])
+    assert torch.backends.cuda.flash_sdp_enabled() == before
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1 * ref.abs().max()

@@ -22,6 +22,25 @@ from advtransfer.errors import UserError
 # ----------------------------------------------------------------------------- fixtures helpers
 
 
+def pairs(split) -> list[tuple[str, int]]:
+    """A lazy split's (file, label) pairs in sorted order (splits hold them in a fixed shuffled order)."""
+    return sorted(zip(split.files, split.labels.tolist()))
+
+
+def test_lazy_test_split_prefix_spans_classes(tmp_path: Path) -> None:
+    """Folder layouts list images class by class; the split is shuffled once (fixed seed) so that a prefix,
+    such as AutoAttack's n_autoattack subset, is not all one class, and the order is the same every load."""
+    for c in ("a", "b", "c", "d"):
+        for i in range(5):
+            _img(tmp_path / "train" / c / f"{i}.png", (10 * i, 0, 0))
+            _img(tmp_path / "test" / c / f"{i}.png", (10 * i, 0, 0))
+    _, test, _ = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=8))
+    assert len(set(test.labels[:8].tolist())) >= 3
+    _, again, _ = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=8))
+    assert again.files == test.files and torch.equal(again.labels, test.labels)
+    assert all(Path(f).parent.name == "abcd"[y] for f, y in pairs(test))  # labels moved with their files
+
+
 def _img(path: Path, color: tuple[int, int, int], size: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), color).save(path)
@@ -259,9 +278,9 @@ def test_imagefolder_class_folders(tmp_path: Path) -> None:
     out = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=16))
     train, test, classes = out
     assert classes == ["cat", "dog"]
-    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
-    assert train.files[0] == str(tmp_path / "train" / "cat" / "0.png")
-    img = train.load(0)
+    assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
+    assert pairs(train)[0] == (str(tmp_path / "train" / "cat" / "0.png"), 0)
+    img = train.load(train.files.index(str(tmp_path / "train" / "cat" / "0.png")))
     assert img.shape == (3, 16, 16) and torch.allclose(img[0], torch.ones(16, 16)) and img[1].max() == 0
     x, y = test.tensors()
     assert x.shape == (2, 3, 16, 16) and x.min() >= 0 and x.max() <= 1 and y.dtype == torch.int64
@@ -319,8 +338,8 @@ def test_imagefolder_split_file(tmp_path: Path) -> None:
     out = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(split_file), image_size=8))
     train, test, classes = out
     assert classes == ["birds", "fish"]
-    assert train.files == [str(tmp_path / "birds/b c.png"), str(tmp_path / "fish/b.png")]
-    assert train.labels.tolist() == [0, 1] and test.labels.tolist() == [0, 1]
+    assert pairs(train) == [(str(tmp_path / "birds/b c.png"), 0), (str(tmp_path / "fish/b.png"), 1)]
+    assert sorted(test.labels.tolist()) == [0, 1]
     assert train.load(1).shape == (3, 8, 8) and train.load(1)[2].min() == 1
     # a relative split file is found under the root too
     _same(out, DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file="splits.txt", image_size=8)))
@@ -380,9 +399,9 @@ def test_caltech256_per_class_split(tmp_path: Path) -> None:
     out = datasets_disk.load_caltech256(_cfg("caltech256", tmp_path, image_size=8), per_class=3)
     train, test, classes = out
     assert classes == ["ak47", "american-flag"]  # clutter excluded
-    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and test.labels.tolist() == [0, 0, 1, 1]
+    assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(test.labels.tolist()) == [0, 0, 1, 1]
     assert not set(train.files) & set(test.files) and len(set(train.files) | set(test.files)) == 10
-    assert train.files == sorted(train.files)
+    assert train.files != sorted(train.files)  # held in a fixed shuffled order, not class by class
     assert train.load(3)[0].mean() == pytest.approx(200 / 255, abs=3 / 255)
     _same(out, datasets_disk.load_caltech256(_cfg("caltech256", cats, image_size=8), per_class=3))
     # the choice in one class does not move when another class gains images
@@ -440,10 +459,12 @@ def test_cub200_official_split(tmp_path: Path) -> None:
     out = DATASETS["cub200"](_cfg("cub200", tmp_path, image_size=8))
     train, test, classes = out
     assert classes == ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]
-    assert train.labels.tolist() == [0, 1, 2] and test.labels.tolist() == [0, 1, 2]
-    assert train.files[0] == str(base / "images/001.Black_footed_Albatross/Black_footed_Albatross_0000_1.jpg")
-    x, _ = train.tensors()
-    assert x.shape == (3, 3, 8, 8) and x[2, 0].mean() == pytest.approx(120 / 255, abs=3 / 255)
+    assert sorted(train.labels.tolist()) == [0, 1, 2] and sorted(test.labels.tolist()) == [0, 1, 2]
+    assert pairs(train)[0] == (str(base / "images/001.Black_footed_Albatross/Black_footed_Albatross_0000_1.jpg"), 0)
+    x, y = train.tensors()
+    assert x.shape == (3, 3, 8, 8)
+    for img, label in zip(x, y.tolist()):  # class c (1-based) was drawn with red 40 c
+        assert img[0].mean() == pytest.approx(40 * (label + 1) / 255, abs=3 / 255)
     _same(out, DATASETS["cub200"](_cfg("cub200", base, image_size=8)))  # root = the CUB_200_2011 folder
 
 
@@ -513,10 +534,10 @@ def test_stanford_dogs_official_lists(tmp_path: Path) -> None:
     out = DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path, image_size=8))
     train, test, classes = out
     assert classes == ["Chihuahua", "Japanese_spaniel"]
-    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
-    assert train.files == sorted(train.files)
-    assert train.files[0] == str(tmp_path / "Images/n02085620-Chihuahua/n02085620_100.jpg")
-    assert test.load(1)[2].mean() == pytest.approx(160 / 255, abs=3 / 255)
+    assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
+    assert pairs(train)[0] == (str(tmp_path / "Images/n02085620-Chihuahua/n02085620_100.jpg"), 0)
+    for i, label in enumerate(test.labels.tolist()):  # breed c (0-based) was drawn with blue 60 + 100 c
+        assert test.load(i)[2].mean() == pytest.approx((60 + 100 * label) / 255, abs=3 / 255)
     _same(out, DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path, image_size=8)))
 
 

@@ -298,6 +298,10 @@ CASES: dict[str, Case] = {
         ("bad kwargs", "divisible"),
     ),  # fmt: skip
     "config-no-backbone": Case(lambda c: c.run("model.checkpoint="), ("model.backbone",)),
+    "config-compile-without-compiler": Case(
+        lambda c: (c.mp.setattr("shutil.which", lambda name, *a, **k: None), c.run("train.compile=true"))[1],
+        ("train.compile", "C++ compiler"),
+    ),
     "config-unknown-dataset": Case(lambda c: c.run("data.name=imagenet-z"), ("unknown dataset", "imagenet-z")),
     "config-roli-with-linear": Case(lambda c: c.run("method.name=linear", "method.init=roli"), ("roli", "linear")),
     "config-no-validation-split": Case(lambda c: c.run("data.n_val=0"), ("validation",)),

@@ -132,3 +132,17 @@ def test_every_subcommand_has_help():
             [sys.executable, "-m", "advtransfer", *cmd, "--help"], capture_output=True, text=True, timeout=120
         )
         assert p.returncode == 0 and "usage: advtransfer" in p.stdout, cmd
+
+
+def test_resume_keeps_the_first_environment(tmp_path):
+    from advtransfer.pipeline import record_resume
+
+    path = tmp_path / "env.json"
+    path.write_text(json.dumps({"git_sha": "aaa", "torch": "2.14.1"}))
+    logged = []
+    env = record_resume(path, {"git_sha": "bbb", "torch": "2.14.1"}, logged.append)
+    assert env["git_sha"] == "aaa" and env["resumes"] == [{"git_sha": "bbb", "torch": "2.14.1"}]
+    assert len(logged) == 1 and "git_sha" in logged[0] and "torch" not in logged[0]
+    path.write_text(json.dumps(env))
+    env = record_resume(path, {"git_sha": "aaa", "torch": "2.14.1"}, logged.append)
+    assert len(env["resumes"]) == 2 and len(logged) == 1  # same as the first: nothing to warn about

@@ -23,13 +23,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def fake_run(root: Path, name: str, *, method: str, init: str = "ranli", seed: int = 0, clean: float, pgd: float,
              aa: float | None = None, objective: str = "at", source: str = ROBUST, dataset: str = "fashion-mnist",
-             flags: list | None = None, params: int = 1000, epochs: int = 3) -> Path:  # fmt: skip
+             flags: list | None = None, params: int = 1000, epochs: int = 3, options: dict | None = None) -> Path:  # fmt: skip
     """A schema-correct, clearly synthetic run directory (RoLI runs get stage1/ and stage2/ like the pipeline)."""
     d = root / name
     final = d / "stage2" if init == "roli" else d
     final.mkdir(parents=True)
     card = {
-        "name": name, "method": method, "method_options": {}, "init": init, "backbone": "vit_tiny_patch16_224",
+        "name": name, "method": method, "method_options": options or {}, "init": init, "backbone": "vit_tiny_patch16_224",
         "source": source, "dataset": dataset, "seed": seed, "eps": "0.1", "eps_value": 0.1, "norm": "Linf",
         "objective": objective, "clean_acc": clean, "pgd_acc": pgd, "n_eval": 100,
         "pgd_settings": {"steps": 10}, "flags": flags or [], "autoattack_acc": aa,
@@ -178,6 +178,15 @@ def test_full_ft_with_zero_robustness_gives_no_tr(tmp_path):
     summary_path = write_report([tmp_path / "r"]).parent / "report.json"
     t = json.loads(summary_path.read_text())["groups"][0]["transfer"]
     assert t["TA"] == pytest.approx(0.625) and t["TR"] is None
+
+
+def test_method_options_are_separate_cells(tmp_path):
+    """LoRA rank 4 and rank 16 are different methods: never averaged into one mean ± std."""
+    fake_run(tmp_path / "r", "r4", method="lora", clean=0.5, pgd=0.2, options={"rank": 4})
+    fake_run(tmp_path / "r", "r16", method="lora", clean=0.7, pgd=0.4, options={"rank": 16})
+    md = write_report([tmp_path / "r"], tmp_path / "o").read_text()
+    assert "lora(rank=4)" in md and "lora(rank=16)" in md
+    assert "50.00" in md and "70.00" in md and "60.00" not in md
 
 
 def test_no_results_is_a_user_error(tmp_path):

@@ -107,6 +107,7 @@ class TrainConfig:
     objective: Objective = Objective.AT
     trades_beta: float = 6.0
     bf16: bool = False  # autocast bf16 for training and attack generation (evaluation stays fp32)
+    compile: bool = False  # torch.compile the model for attack + training step (first steps pay the compile)
     grad_clip: float = 0.0  # max global grad norm (0 = off)
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0 = at each epoch end only)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import Loader, Split, data_dir
+from .data import SPLIT_SEED, Loader, Split, data_dir
 from .errors import UserError
 
 Result = tuple[Split, Split, list[str]]
@@ -70,7 +70,13 @@ def _images_in(folder: Path, name: str) -> list[Path]:
 
 
 def _lazy(pairs: list[tuple[Path, int]], cfg: DataConfig) -> Split:
-    """A lazy RGB split of ``(image path, label)`` pairs."""
+    """A lazy RGB split of ``(image path, label)`` pairs, in a fixed pseudo-random order (``SPLIT_SEED``).
+
+    Folder layouts list images class by class; shuffled once, any prefix of the split (AutoAttack's
+    ``n_autoattack`` subset of the test split) spans the classes instead of holding the first few.
+    """
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    pairs = [pairs[i] for i in order]
     return Split(
         labels=torch.tensor([y for _, y in pairs], dtype=torch.int64),
         files=[str(f) for f, _ in pairs],

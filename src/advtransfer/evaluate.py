@@ -30,9 +30,10 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     was = model.training
     model.eval()
     try:
-        return torch.cat(
-            [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]
-        )
+        with torch.no_grad():  # no graph for trainable parameters: evaluation only reads the logits
+            return torch.cat(
+                [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]
+            )
     finally:
         model.train(was)
 

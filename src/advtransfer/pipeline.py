@@ -174,6 +174,20 @@ def _first_difference(a, b, where: str = "") -> str:
     return f"{where or 'config'}: saved {a!r}, now {b!r}"
 
 
+def record_resume(path: Path, now: dict, log) -> dict:
+    """The run's first environment stays in ``env.json``; each resume appends its own under ``resumes``,
+    and a resume under different library versions or code says so in the log."""
+    try:
+        first = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return now  # no readable record of the first process: this one is the best there is
+    resumes = [*first.pop("resumes", []), now]
+    changed = sorted(k for k in now if k != "resumes" and first.get(k) != now[k])
+    if changed:
+        log(f"warning: resumed with different {', '.join(changed)} than the run started with (env.json keeps both)")
+    return {**first, "resumes": resumes}
+
+
 def environment() -> dict:
     """Git SHA and library versions, recorded with every run."""
     import peft
@@ -338,7 +352,9 @@ def run_stage(
         log(f"RoLI: head loaded from {head_from}")
     train_threat, val_threat, _ = _threats(cfg)
     section = "probe" if train_cfg is cfg.probe else "train"
-    stage = Stage(stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size, section)
+    stage = Stage(
+        stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size, section, cfg.data.workers
+    )
     best = fit(model, splits.train, splits.val, stage, log, resume=resume)
     best_model = make_model(cfg, spec, cfg.seed)
     best_model.load_state_dict(read_state(stage.best_path))
@@ -381,9 +397,11 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     t0 = time.time()
     resume = rd.resuming
     atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
-    write_json(out / "env.json", environment())
+    env = environment()
     if resume:
         rd.log(f"resuming {out}")
+        env = record_resume(out / "env.json", env, rd.log)
+    write_json(out / "env.json", env)
     splits = load_splits(cfg.data)
     rd.log(
         f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"

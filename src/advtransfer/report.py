@@ -133,12 +133,21 @@ def group_key(card: dict) -> tuple[str, str, str, str]:
 
 
 def cell_key(card: dict) -> tuple[str, str, str]:
-    return str(card.get("method", "?")), str(card.get("init", "ranli")), str(card.get("objective", ADVERSARIAL))
+    """(method, init, objective); a method run with options is its own cell, e.g. ``lora(rank=4)``, so
+    different ranks or tuners are never averaged together."""
+    method, opts = str(card.get("method", "?")), card.get("method_options") or {}
+    if opts:
+        method += "(" + ",".join(f"{k}={opts[k]}" for k in sorted(opts)) + ")"
+    return method, str(card.get("init", "ranli")), str(card.get("objective", ADVERSARIAL))
+
+
+def _base(method: str) -> str:
+    return method.split("(", 1)[0]
 
 
 def _order(key: tuple[str, str, str]) -> tuple:
     m, i, o = key
-    return (ORDER.index(m) if m in ORDER else len(ORDER), m, INITS.index(i) if i in INITS else 9,
+    return (ORDER.index(_base(m)) if _base(m) in ORDER else len(ORDER), m, INITS.index(i) if i in INITS else 9,
             OBJECTIVES.index(o) if o in OBJECTIVES else 9, o)  # fmt: skip
 
 
@@ -248,6 +257,7 @@ def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1):
 def _color(method: str):
     from matplotlib import colormaps
 
+    method = _base(method)
     i = ORDER.index(method) if method in ORDER else len(ORDER) + sum(map(ord, method)) % 3
     return colormaps["tab10"](i % 10)
 

@@ -250,6 +250,7 @@ class Stage:
     seed: int
     eval_batch_size: int = 256
     section: str = "train"  # the config section of ``cfg`` ("train", or "probe" for RoLI's stage 1), for messages
+    workers: int = 0  # DataLoader workers for image-file splits (in-memory splits are sliced directly)
 
     @property
     def best_path(self) -> Path:
@@ -260,17 +261,35 @@ class Stage:
         return self.dir / "state.safetensors"
 
 
-def validate(model: Classifier, split: Split, threat: Threat, batch_size: int) -> dict[str, float]:
-    """Clean and PGD accuracy on a split (fp32, eval mode)."""
+def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, workers: int = 0) -> dict[str, float]:
+    """Clean and PGD accuracy on a split (fp32, eval mode), streamed batch by batch, sharded across ranks."""
     from .evaluate import clean_correct, pgd_correct
 
     n = len(split)
     lo, hi = D.shard_bounds(n)
     dev = next(model.parameters()).device
-    x, y = (t.to(dev) for t in split.tensors(torch.arange(lo, hi)))
-    clean = D.gather_cat(clean_correct(model, x, y, batch_size).to(torch.uint8), n).bool()
-    rob = D.gather_cat(pgd_correct(model, x, y, threat, batch_size=batch_size).to(torch.uint8), n).bool()
-    return {"val_clean": clean.float().mean().item(), "val_pgd": (rob & clean).float().mean().item()}
+    clean, rob = [], []
+    for x, y in batches(split, batch_size, order=torch.arange(lo, hi), workers=workers):
+        x, y = x.to(dev), y.to(dev)
+        clean.append(clean_correct(model, x, y, batch_size))
+        rob.append(pgd_correct(model, x, y, threat, batch_size=batch_size))
+    clean_all = D.gather_cat(torch.cat(clean or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), n).bool()
+    rob_all = D.gather_cat(torch.cat(rob or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), n).bool()
+    return {"val_clean": clean_all.float().mean().item(), "val_pgd": (rob_all & clean_all).float().mean().item()}
+
+
+def compiled(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(net)``: a wrapper sharing ``net``'s parameters (state-dict keys of ``net`` unchanged).
+
+    On CPU, inductor needs a C++ compiler; without one this is a clear error instead of a failure at the
+    first step. Each distinct (mode, requires-grad) pattern compiles once: the attack (eval, parameters
+    frozen) and the training step (train) are two graphs.
+    """
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("train.compile: torch.compile on CPU needs a C++ compiler (g++); install one or set train.compile=false")
+    return torch.compile(net)
 
 
 def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: bool = False) -> dict:
@@ -301,18 +320,23 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
         metrics_path.unlink(missing_ok=True)
 
     dev = next(model.parameters()).device
+    runner = model
+    if cfg.compile:  # a wrapper sharing model's parameters; `model` is what is validated and saved
+        runner = compiled(model, dev)
+        log(f"{stage.dir.name}: torch.compile on; the first attack and training steps compile the model")
     ddp = None
     if D.world() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        ddp = compiled(ddp, dev) if cfg.compile else ddp
     with StopRequest() as stop:
         for epoch in range(progress["epoch"], cfg.epochs):
             t0 = time.time()
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
             start = progress["step"]
             bar = tqdm(
-                batches(train, cfg.batch_size, order=order, start=start * cfg.batch_size),
+                batches(train, cfg.batch_size, order=order, start=start * cfg.batch_size, workers=stage.workers),
                 total=steps_per_epoch - start,
                 desc=f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
@@ -330,7 +354,7 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
                     x, y = x[lo:hi], y[lo:hi]
                     start0 = None if start0 is None else start0[lo:hi]
                     try:
-                        loss, correct = train_step(model, opt, x, y, stage.threat, cfg, ddp=ddp, start=start0)
+                        loss, correct = train_step(runner, opt, x, y, stage.threat, cfg, ddp=ddp, start=start0)
                     except FloatingPointError as e:
                         kept = (
                             f"last good state kept in {stage.state_path}"
@@ -365,7 +389,7 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
                 "train_loss": sums[0] / max(1, sums[2]),
                 "train_acc": sums[1] / max(1, sums[2]),
                 "lr": sched.get_last_lr()[0],
-                **validate(model, val, stage.val_threat, stage.eval_batch_size),
+                **validate(model, val, stage.val_threat, stage.eval_batch_size, stage.workers),
                 "seconds": round(time.time() - t0, 2),  # wall time: the one field that differs between runs
             }
             key = "val_clean" if cfg.objective == Objective.NATURAL else "val_pgd"  # natural training: select on clean
