@@ -26,13 +26,10 @@ PAPER = {
 
 
 def cards(root: Path) -> list[dict]:
-    out = []
-    for p in sorted(root.glob("*/result.json")):
-        c = json.loads(p.read_text())
-        c["_dir"] = p.parent.name
-        c["_src"] = "robust" if "robust" in c["source"] else "natural"
-        out.append(c)
-    return out
+    """The finished runs' result cards (``advtransfer.report.find_results``), tagged with their source."""
+    from advtransfer.report import find_results
+
+    return [{**c, "_src": "robust" if "robust" in c["source"] else "natural"} for _, c in find_results([root])]
 
 
 def pick(cs, src, method, init, objective="at", dataset="fashion-mnist"):

@@ -32,7 +32,7 @@ def test_compiled_training_matches_eager(tmp_path: Path, source: Path) -> None:
     changed = 0
     start = read_state(source)
     for k, v in eager.items():
-        torch.testing.assert_close(comp[k], v, atol=2e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(comp[k], v, atol=2e-4, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
         changed += k in start and not torch.equal(v, start[k])
     assert changed > 10  # it trained (full finetuning moved the backbone), so equality above means something
     m_e, m_c = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("eager", "compiled"))

@@ -454,3 +454,24 @@ def test_user_options_override_tuner_defaults(options, expected):
     apply_method(model, "peft", options)
     assert count(model) == DEPTH * expected + HEAD
     torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=1e-6)
+
+
+def test_train_mode_keeps_frozen_subtrees_in_eval():
+    """Frozen parts (BatchNorm statistics, dropout) stay in eval() while the trainable parts train."""
+    from torch import nn
+
+    from advtransfer.train import train_mode
+
+    frozen_block = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout())
+    mixed = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 4))
+    model = nn.Sequential(frozen_block, mixed, nn.Dropout())
+    for p in [*frozen_block.parameters(), *mixed[0].parameters()]:
+        p.requires_grad_(False)
+    model.eval()
+    train_mode(model)
+    assert model.training and mixed.training and mixed[1].training and mixed[2].training and model[2].training
+    assert not any(m.training for m in frozen_block.modules()) and not mixed[0].training
+    for p in model.parameters():  # everything frozen: the whole model evaluates
+        p.requires_grad_(False)
+    train_mode(model)
+    assert not any(m.training for m in model.modules())

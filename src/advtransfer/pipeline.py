@@ -314,7 +314,10 @@ def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, auto
     if autoattack:
         n = min(e.n_autoattack or n_test, n_test)
         a_lo, a_hi = D.shard_bounds(n)
-        xa, ya = (t.to(dev) for t in splits.test.tensors(torch.arange(a_lo, a_hi)))
+        if lo <= a_lo and a_hi <= hi:  # always in one process: the subset is already loaded, read nothing twice
+            xa, ya = x[a_lo - lo : a_hi - lo], y[a_lo - lo : a_hi - lo]
+        else:
+            xa, ya = (t.to(dev) for t in splits.test.tensors(torch.arange(a_lo, a_hi)))
         state = out / ("autoattack_state.json" if D.world() == 1 else f"autoattack_state.rank{D.rank()}.json")
         aa = evaluate(model, xa, ya, attacks=("autoattack",), aa_version=e.aa_version, aa_attacks=e.aa_attacks,
                       aa_state=state, checks=False, **common)  # fmt: skip

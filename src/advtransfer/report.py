@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import UserError
+from .models import atomic_write
 
 ORDER = ["linear", "full", "vpt", "lora", "adapter", "bias"]
 INITS = ["ranli", "roli"]
@@ -630,7 +631,7 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
                   _pct(c.get("clean_acc")), _pct(c.get("pgd_acc")), _pct(c.get("autoattack_acc")),
                   "—" if c.get("best_epoch") is None else c["best_epoch"] + 1] for p, c in results])]  # fmt: skip
 
-    (out / "report.md").write_text(_md(blocks))
-    (out / "report.html").write_text(_html(blocks, "advtransfer report"))
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    for name, text in (("report.md", _md(blocks)), ("report.html", _html(blocks, "advtransfer report")),
+                       ("report.json", json.dumps(summary, indent=2, default=str) + "\n")):  # fmt: skip
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
     return out / "report.md"

@@ -75,12 +75,27 @@ def make_scheduler(
 
 def train_mode(model: torch.nn.Module) -> None:
     """``model.train()``, except sub-modules whose parameters are all frozen stay in ``eval()``: a linear
-    probe or a PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features."""
+    probe or a PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features.
+    Called every step, so it is one pass over the modules."""
     model.train()
-    for m in model.modules():
-        ps = list(m.parameters())
-        if ps and not any(p.requires_grad for p in ps):
-            m.eval()  # recursive: its whole subtree (dropout, BatchNorm, drop-path) is frozen
+    if _frozen(model) == (True, False):
+        model.eval()
+
+
+def _frozen(m: torch.nn.Module) -> tuple[bool, bool]:
+    """(holds parameters, any of them trainable) for ``m``'s subtree. Each child subtree that holds only
+    frozen parameters goes to ``eval()`` (recursively: its dropout and BatchNorm too) unless ``m`` itself is
+    such a subtree, in which case an ancestor does it once for the whole of ``m``."""
+    own = list(m.parameters(recurse=False))
+    has, trains = bool(own), any(p.requires_grad for p in own)
+    children = [(c, *_frozen(c)) for c in m.children()]
+    has = has or any(h for _, h, _ in children)
+    trains = trains or any(t for _, _, t in children)
+    if trains:
+        for c, h, t in children:
+            if h and not t:
+                c.eval()
+    return has, trains
 
 
 def train_step(
@@ -273,8 +288,9 @@ def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, w
         x, y = x.to(dev), y.to(dev)
         clean.append(clean_correct(model, x, y, batch_size))
         rob.append(pgd_correct(model, x, y, threat, batch_size=batch_size))
-    clean_all = D.gather_cat(torch.cat(clean or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), n).bool()
-    rob_all = D.gather_cat(torch.cat(rob or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), n).bool()
+    clean_all, rob_all = (
+        D.gather_cat(torch.cat(m or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), n).bool() for m in (clean, rob)
+    )
     return {"val_clean": clean_all.float().mean().item(), "val_pgd": (rob_all & clean_all).float().mean().item()}
 
 
@@ -288,7 +304,9 @@ def compiled(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     import shutil
 
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        raise UserError("train.compile: torch.compile on CPU needs a C++ compiler (g++); install one or set train.compile=false")
+        raise UserError(
+            "train.compile: torch.compile on CPU needs a C++ compiler (g++); install one or set train.compile=false"
+        )
     return torch.compile(net)
 
 
