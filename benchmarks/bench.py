@@ -3,8 +3,10 @@
     python benchmarks/bench.py [--quick] [--json docs/bench.json]
 
 Everything is measured in this run, on the same model, batch and data, so the ratios are like for like.
-Each case runs in a fresh spawned process (clean peak-RSS reading); inside it: warm-up iterations, then
-the median of repeated timed iterations.
+The implementations compared in a ratio run in ONE process, each on its own copy of the model, timed
+round-robin (first call, one warm-up, then the median of repeated iterations), so machine noise hits
+them alike. Peak memory (RSS) cannot be told apart inside one process, so it comes from a short run of
+each implementation in a fresh spawned process (not for the compiled cases: they would compile again).
 
 The *reference algorithm* (our own re-implementation of what the paper's code does): fp32; every PGD
 step calls ``loss.backward()`` (weight gradients included, then thrown away); the best iterate is picked
@@ -82,64 +84,84 @@ def _build(model_name: str, method: str):
     return model, x, y
 
 
-def _time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
+def _interleaved(fns: dict, iters: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Time every function of ``fns`` in this process, round-robin (the starting one rotates), so machine
+    noise hits all alike. Returns (first-call seconds, median seconds over ``iters`` after one warm-up)."""
+    first = {}
+    for name, fn in fns.items():
         t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        fn()  # the first call holds any compilation and first-touch allocation
+        first[name] = time.perf_counter() - t
+    for fn in fns.values():
+        fn()  # warm-up
+    names, ts = list(fns), {name: [] for name in fns}
+    for i in range(iters):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            ts[name].append(time.perf_counter() - t)
+    return first, {name: statistics.median(v) for name, v in ts.items()}
 
 
-def case_train(model_name: str, method: str, impl: str, iters: int) -> dict:
+def _train_step_fn(model, x, y, impl: str):
+    """One PGD-7 adversarial training step of ``impl`` on its own copy of the model."""
     from advtransfer.attacks import Threat
     from advtransfer.config import TrainConfig
     from advtransfer.train import make_optimizer, train_step
 
-    model, x, y = _build(model_name, method)
     if impl == "ours_cl":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     cfg = TrainConfig(lr=1e-4, bf16=impl.endswith("bf16"), compile=impl.startswith("ours_compile"))
     opt = make_optimizer(model, cfg)
-    threat = Threat(EPS, "Linf", STEPS)
-    runner = torch.compile(model) if cfg.compile else model  # what fit() does with train.compile
     if impl == "reference":
-        step = lambda: reference_train_step(model, opt, x, y, EPS, EPS / 4, STEPS)  # noqa: E731
-    else:
-        step = lambda: train_step(runner, opt, x, y, threat, cfg)  # noqa: E731
-    t = time.perf_counter()
-    step()  # the first step pays any compilation; reported separately
-    first = time.perf_counter() - t
-    sec = _time(step, warmup=1, iters=iters)
-    return {"seconds": sec, "img_per_s": len(x) / sec, "first_step_s": first}
+        return lambda: reference_train_step(model, opt, x, y, EPS, EPS / 4, STEPS)
+    runner = torch.compile(model) if cfg.compile else model  # what fit() does with train.compile
+    threat = Threat(EPS, "Linf", STEPS)
+    return lambda: train_step(runner, opt, x, y, threat, cfg)
 
 
-def case_pgd_eval(model_name: str, impl: str, iters: int) -> dict:
+def case_train(model_name: str, method: str, impls: list[str], iters: int) -> dict:
+    """All implementations on copies of one model, same batch, timed interleaved in this one process."""
+    import copy
+
+    model, x, y = _build(model_name, method)
+    fns = {impl: _train_step_fn(copy.deepcopy(model), x, y, impl) for impl in impls}
+    first, sec = _interleaved(fns, iters)
+    return {
+        impl: {"seconds": sec[impl], "img_per_s": len(x) / sec[impl], "first_step_s": first[impl]} for impl in impls
+    }
+
+
+def case_train_memory(model_name: str, method: str, impl: str) -> dict:
+    """Peak RSS of two steps of one implementation (its own process: RSS peaks cannot be told apart in one)."""
+    model, x, y = _build(model_name, method)
+    step = _train_step_fn(model, x, y, impl)
+    step()
+    step()
+    return {}
+
+
+def case_pgd_eval(model_name: str, iters: int) -> dict:
+    """PGD-10 evaluation, torchattacks vs ours, interleaved in this one process."""
+    import torchattacks
+
     from advtransfer.attacks import Threat
     from advtransfer.evaluate import pgd_correct
 
     model, x, y = _build(model_name, "linear")
     model.eval()
-    if impl == "torchattacks":
-        import torchattacks
+    atk = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
+    threat = Threat(EPS, "Linf", 10)
 
-        atk = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
+    def torchattacks_pgd():
+        adv = atk(x, y)
+        with torch.no_grad():
+            return model(adv).argmax(1) == y
 
-        def run():
-            adv = atk(x, y)
-            with torch.no_grad():
-                return model(adv).argmax(1) == y
-    else:
-        threat = Threat(EPS, "Linf", 10)
-
-        def run():
-            return pgd_correct(model, x, y, threat, batch_size=len(x))
-
-    sec = _time(run, warmup=1, iters=iters)
-    return {"seconds": sec, "img_per_s": len(x) / sec}
+    fns = {"torchattacks": torchattacks_pgd, "ours": lambda: pgd_correct(model, x, y, threat, batch_size=len(x))}
+    _, sec = _interleaved(fns, iters)
+    return {k: len(x) / v for k, v in sec.items()}
 
 
 def case_autoattack(n: int) -> dict:
@@ -156,7 +178,7 @@ def case_autoattack(n: int) -> dict:
 def _worker(kind: str, args: tuple, q) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args[-1])
-    fn = {"train": case_train, "pgd": case_pgd_eval, "aa": case_autoattack}[kind]
+    fn = {"train": case_train, "memory": case_train_memory, "pgd": case_pgd_eval, "aa": case_autoattack}[kind]
     res = fn(*args[:-1])
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     q.put(res)
@@ -195,11 +217,17 @@ def main() -> None:
             impls = ["reference", "ours_fp32", "ours_bf16"] + (["ours_cl"] if m.startswith("resnet") else [])
             if method == "full" and not args.no_compile:  # compile time (~1 min per graph here): Full-FT only
                 impls += ["ours_compile", "ours_compile_bf16"]
-            ref = None
+            timed = run_case("train", m, method, impls, iters, threads=args.threads)
             for impl in impls:
-                r = run_case("train", m, method, impl, iters, threads=args.threads)
-                ref = ref or r["seconds"]
-                ratio = ref / r["seconds"]
+                r = timed[impl]
+                # peak memory: a short run of this implementation alone (compiling again would take minutes)
+                mem = (
+                    None
+                    if impl.startswith("ours_compile")
+                    else run_case("memory", m, method, impl, threads=args.threads)
+                )
+                r["peak_rss_mb"] = mem["peak_rss_mb"] if mem else float("nan")
+                ratio = timed["reference"]["seconds"] / r["seconds"]
                 rows.append({"model": m, "method": method, "impl": impl, **r, "speedup": ratio})
                 first = f"  (first step {r['first_step_s']:.0f} s: compile)" if impl.startswith("ours_compile") else ""
                 print(
@@ -209,22 +237,19 @@ def main() -> None:
     for m in models:
         if m == "vit_tiny224":
             continue
-        ta = run_case("pgd", m, "torchattacks", 3, threads=args.threads)
-        ours = run_case("pgd", m, "ours", 3, threads=args.threads)
-        r = ta["seconds"] / ours["seconds"]
+        pg = run_case("pgd", m, 3 if args.quick else 10, threads=args.threads)
+        r = pg["ours"] / pg["torchattacks"]
         figures[f"pgd_eval_speedup_{m}"] = r
         rows.append(
             {
                 "model": m,
                 "case": "pgd10_eval",
-                "torchattacks_img_s": ta["img_per_s"],
-                "ours_img_s": ours["img_per_s"],
+                "torchattacks_img_s": pg["torchattacks"],
+                "ours_img_s": pg["ours"],
                 "speedup": r,
             }
         )
-        print(
-            f"PGD-10 eval {m}: torchattacks {ta['img_per_s']:.0f} img/s, ours {ours['img_per_s']:.0f} img/s -> {r:.2f}x"
-        )
+        print(f"PGD-10 eval {m}: torchattacks {pg['torchattacks']:.0f} img/s, ours {pg['ours']:.0f} img/s -> {r:.2f}x")
     aa = run_case("aa", 64 if not args.quick else 16, threads=args.threads)
     print(f"AutoAttack (standard) on an untrained mini-ViT: {aa['img_per_s']:.1f} img/s")
 
@@ -246,7 +271,7 @@ def main() -> None:
         [v for k, v in figures.items() if k.startswith("pgd_eval_speedup_")]
     )
     figures["autoattack_img_per_s"] = aa["img_per_s"]
-    figures["peak_rss_mb_max"] = max(r.get("peak_rss_mb", 0) for r in rows)
+    figures["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in rows if not math.isnan(r.get("peak_rss_mb", math.nan)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "figures": figures}, f, indent=2)

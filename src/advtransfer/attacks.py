@@ -40,8 +40,8 @@ def autocast(enabled: bool, device: torch.device):
     """bf16 autocast on CPU or CUDA when ``enabled``; a no-op context otherwise.
 
     On CPU, attention inside runs on PyTorch's math SDPA path: the fused CPU flash-attention kernel's bf16
-    backward is slow on short sequences (measured on the 28-px mini-ViT, 17 tokens, head dim 24: a PGD
-    step 0.51x of fp32 with the fused kernel, 1.30x with the math path; ViT-Tiny/224: 1.39x vs 1.31x).
+    backward is slow on short sequences (``benchmarks/bf16_attention.py``, one attack step vs fp32: 28-px
+    mini-ViT, 17 tokens, 0.47x fused vs 1.30x math; ViT-Tiny/224 1.39x vs 1.35x; docs/performance.md).
     """
     if not enabled:
         yield
