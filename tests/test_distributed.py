@@ -60,3 +60,19 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert m1[0]["train_loss"] == pytest.approx(m2[0]["train_loss"], abs=1e-4)
     assert (tmp_path / "two" / "log.txt").read_text().count("result:") == 1  # only rank 0 writes
+
+
+def test_shutdown_leaves_the_process_group():
+    """Every init is paired with a shutdown: a live gloo group at interpreter exit can SIGABRT the rank."""
+    import torch.distributed as dist
+
+    from advtransfer import distributed
+
+    distributed.shutdown()  # no group: a no-op
+    dist.init_process_group("gloo", world_size=1, rank=0, store=dist.HashStore())
+    assert distributed.world() == 1 and dist.is_initialized()
+    distributed.shutdown(ok=True)  # barrier over one rank, then destroy
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", world_size=1, rank=0, store=dist.HashStore())
+    distributed.shutdown(ok=False)  # after a failure: no barrier, still destroyed
+    assert not dist.is_initialized()

@@ -159,10 +159,15 @@ def cmd_run(args, pretrain: bool = False) -> None:
     from .pipeline import run
 
     distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
-    base = {"method": {"name": "full", "init": "ranli"}} if pretrain else None
-    cfg = load_config(args.config, args.sets, base=base)
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
-    card = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    ok = False
+    try:
+        base = {"method": {"name": "full", "init": "ranli"}} if pretrain else None
+        cfg = load_config(args.config, args.sets, base=base)
+        out = Path(args.out or Path("runs") / Path(args.config).stem)
+        card = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+        ok = True
+    finally:
+        distributed.shutdown(ok)
     print(json.dumps({k: card[k] for k in ("method", "init", "clean_acc", "pgd_acc", "autoattack_acc", "n_eval")}))
 
 

@@ -24,6 +24,21 @@ def init() -> None:
         dist.init_process_group(backend)
 
 
+def shutdown(ok: bool = True) -> None:
+    """Leave the process group (no-op outside torchrun); after success, first wait for every rank.
+
+    Exiting with a live gloo group can abort the interpreter at teardown ("terminate called without an
+    active exception", SIGABRT) even though the run finished, so every ``init`` is paired with this.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if ok:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
