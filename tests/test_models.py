@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import shlex
@@ -22,6 +23,7 @@ from advtransfer.models import (
     build,
     load_backbone_weights,
     load_classifier,
+    patchify_as_matmul,
     read_spec,
     read_state,
     save_checkpoint,
@@ -78,6 +80,45 @@ def test_input_size_from_patch_embed_for_vit() -> None:
     assert model.backbone.pretrained_cfg["input_size"][-1] == 224  # the cfg would be wrong here
     assert spec.input_size == [32, 32] and model.input_size == (32, 32)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 3)  # grey 28x28 in, resized to 32 inside
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, px, converted",
+    [
+        ("vit_tiny_patch16_224", TINY_VIT, 28, 1),
+        ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)), 32, 1),  # stem only, not 2x2 downsamples
+        ("resnet18", {}, 32, 0),  # a 7x7 stride-2 stem is no patchify conv
+    ],
+)
+def test_patchify_as_matmul_is_the_same_function(name: str, kwargs: dict, px: int, converted: int) -> None:
+    """The stem's matrix-product form: same state-dict keys, logits, input gradient and weight gradients."""
+    torch.manual_seed(0)
+    fast = build(ModelSpec(name, dict(kwargs), 5)).eval()
+    slow = copy.deepcopy(fast)
+    assert patchify_as_matmul(slow, enable=False) == converted
+    assert slow.state_dict().keys() == fast.state_dict().keys()
+    x = torch.rand(3, fast.in_chans, px, px)
+    grads = []
+    for model in (fast, slow):
+        xi = x.clone().requires_grad_(True)
+        model.zero_grad()
+        logits = model(xi)
+        logits.square().sum().backward()
+        grads.append((logits.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (l1, g1, w1), (l2, g2, w2) = grads
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], atol=1e-4, rtol=1e-4, msg=n)
+    assert patchify_as_matmul(slow) == converted  # and back
+
+
+def test_patch_conv_crops_like_a_strided_conv() -> None:
+    """Inputs not divisible by the patch: the conv drops the remainder rows/columns, so must the product."""
+    conv = torch.nn.Conv2d(2, 6, kernel_size=(7, 5), stride=(7, 5))
+    ref = conv(x := torch.rand(2, 2, 30, 23))
+    assert patchify_as_matmul(conv) == 1 and ref.shape == (2, 6, 4, 4)
+    torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_input_size_and_mean_from_pretrained_cfg_otherwise() -> None:

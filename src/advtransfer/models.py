@@ -63,6 +63,42 @@ class Classifier(nn.Module):
         return next(n for n, m in self.backbone.named_modules() if m is self.head)
 
 
+class PatchConv(nn.Conv2d):
+    """A patchify convolution (kernel == stride, no padding) computed on CPU as one matrix product.
+
+    Same parameters, state-dict keys and outputs (up to summation order) as the ``nn.Conv2d`` it replaces;
+    ``patchify_as_matmul`` swaps the class in place. Every attack step needs the input gradient of the
+    image stem, and oneDNN's backward-data for a few-channel patchify conv costs 8-25x its forward on this
+    CPU (mini-ViT stem 7.4 ms fwd+input-grad as a conv vs 0.9 ms as a matrix product; ViT-Tiny/224 41 vs
+    16 ms; ``docs/performance.md``). On other devices the convolution runs unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        (p, q), (b, c, hh, ww) = self.kernel_size, x.shape
+        h, w = hh // p, ww // q  # a strided conv drops the remainder rows/columns: so does the crop
+        patches = x[..., : h * p, : w * q].reshape(b, c, h, p, w, q).permute(0, 2, 4, 1, 3, 5)
+        out = F.linear(patches.reshape(b, h * w, c * p * q), self.weight.reshape(self.out_channels, -1), self.bias)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW view, like the conv's output
+
+
+def patchify_as_matmul(model: nn.Module, enable: bool = True) -> int:
+    """Turn every image-stem patchify conv (kernel == stride > 1, no padding, dilation or groups, at most 4
+    input channels) into a ``PatchConv`` (``enable=False``: back to ``nn.Conv2d``); returns how many.
+
+    Only few-channel stems gain: for a ConvNeXt-style 2x2 downsampling of 96+ channels the conv is as fast.
+    """
+    n = 0
+    for m in model.modules():
+        if enable and type(m) is nn.Conv2d and m.kernel_size == m.stride and min(m.stride) > 1:
+            if m.padding in ((0, 0), "valid") and m.dilation == (1, 1) and m.groups == 1 and m.in_channels <= 4:
+                m.__class__, n = PatchConv, n + 1
+        elif not enable and type(m) is PatchConv:
+            m.__class__, n = nn.Conv2d, n + 1
+    return n
+
+
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild a ``Classifier`` (stored as checkpoint metadata)."""
@@ -115,6 +151,7 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
         )
     spec.input_size = list(spec.input_size or default_input_size(backbone))
     spec.in_chans = in_chans
+    patchify_as_matmul(backbone)
     return Classifier(backbone, spec.mean, spec.std, tuple(spec.input_size), in_chans)
 
 
