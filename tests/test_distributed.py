@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,55 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert m1[0]["train_loss"] == pytest.approx(m2[0]["train_loss"], abs=1e-4)
     assert (tmp_path / "two" / "log.txt").read_text().count("result:") == 1  # only rank 0 writes
+
+
+def _torchrun(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*cmd, "-m", "advtransfer", "run", str(cfg), "--out", str(out), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGINT to torchrun reaches the ranks at different moments; they still stop at one step, save the
+    epoch's global running sums, and the resumed run's metrics and weights equal an uninterrupted run's."""
+    torch.manual_seed(0)
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
+    save_checkpoint(build(spec), spec, tmp_path / "src.safetensors")
+    cfg = {
+        "data": {"name": "fashion-mnist", "n_train": 1024, "n_val": 32, "n_test": 32},
+        "model": {"checkpoint": str(tmp_path / "src.safetensors")},
+        "attack": {"eps": "0.1", "steps": 2},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 0.001},
+        "eval": {"val_pgd_steps": 2, "pgd_steps": 2, "autoattack": False},
+    }
+    (path := tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _torchrun(path, ref).wait(timeout=300) == 0
+    proc = _torchrun(path, out)
+    end = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists():  # mid-epoch 2: epoch 1's sums are done, epoch 2's running
+        assert proc.poll() is None and time.monotonic() < end, "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and err.count("interrupted; state saved") == 2, err[-2000:]
+    assert not (out / "result.json").exists()
+    resumed = _torchrun(path, out, "--resume")
+    err = resumed.communicate(timeout=300)[1]
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resumed run at epoch 2 step" in (out / "log.txt").read_text()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for d in (ref, out)
+             for x in (d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert strip[:2] == strip[2:]
+    w1, w2 = read_state(ref / "best.safetensors"), read_state(out / "best.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    again = _torchrun(path, out)  # a finished run: every rank refuses it cleanly, none waits on a dead peer
+    err = again.communicate(timeout=120)[1]
+    assert again.returncode != 0 and "already holds a finished run" in err and "rank 0 refused" in err, err[-2000:]
+    assert "Connection closed" not in err
 
 
 def test_shutdown_leaves_the_process_group():

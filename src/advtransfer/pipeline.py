@@ -377,11 +377,19 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         raise UserError(
             "config: init 'roli' needs a finetuning method other than 'linear' (RoLI's stage 1 is the linear probe)"
         )
+    refused: UserError | None = None
+    rd: RunDir | _Follower = _Follower()  # other torchrun ranks follow rank 0's decision and write nothing
     if D.is_main():
-        rd = RunDir(out, to_dict(cfg), resume=resume, overwrite=overwrite)
-    else:  # other torchrun ranks follow rank 0's decision and write nothing
-        rd = _Follower()
-    rd.resuming = D.all_sum([float(rd.resuming)])[0] > 0
+        try:
+            rd = RunDir(out, to_dict(cfg), resume=resume, overwrite=overwrite)
+        except UserError as e:  # every rank must hear of it, or the others wait in the next collective
+            refused = e
+    n_refused, resuming = D.all_sum([float(refused is not None), float(rd.resuming)])
+    if refused is not None:
+        raise refused
+    if n_refused:
+        raise UserError(f"run: rank 0 refused {out} (its message says why)")
+    rd.resuming = resuming > 0
     discard = False
     try:
         return _run(cfg, out, rd)

@@ -329,6 +329,8 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
         if progress["epoch"] >= cfg.epochs:
             log(f"{stage.dir.name}: training already finished ({cfg.epochs} epochs); not retraining")
             return progress["best"]
+        if D.rank() != 0:  # the saved running sums are global (_global_sums): rank 0 alone carries them on
+            progress.update(loss_sum=0.0, correct=0, seen=0)
         log(f"resumed {stage.dir.name} at epoch {progress['epoch'] + 1} step {progress['step']}")
         _write_metrics(metrics_path, [r for r in _read_metrics(metrics_path) if r["epoch"] < progress["epoch"]])
     else:
@@ -394,9 +396,12 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
                     progress["correct"] += correct
                     progress["seen"] += len(y)
                     every = cfg.checkpoint_every
-                    if (every and (epoch * steps_per_epoch + progress["step"]) % every == 0) or stop.requested:
-                        save_state(stage.state_path, model, opt, sched, progress)
-                    if stop.requested:
+                    # under torchrun every rank stops at the same step (a signal reaches them at different
+                    # times; a rank that stopped alone would leave the others waiting in the all-reduce)
+                    stopping = stop.requested if D.world() == 1 else D.all_sum([float(stop.requested)])[0] > 0
+                    if (every and (epoch * steps_per_epoch + progress["step"]) % every == 0) or stopping:
+                        save_state(stage.state_path, model, opt, sched, _global_sums(progress))
+                    if stopping:
                         raise Interrupted(f"interrupted; state saved in {stage.state_path}")
             except KeyboardInterrupt:  # a second Ctrl-C, or no handler (not the main thread): mid-step, unsaved
                 kept = stage.state_path if stage.state_path.exists() else "nothing saved yet"
@@ -425,6 +430,14 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
                 raise Interrupted(f"interrupted; state saved in {stage.state_path}")
     D.barrier()  # rank 0 has written best/state before anyone reads them
     return progress["best"]
+
+
+def _global_sums(progress: dict) -> dict:
+    """``progress`` with the epoch's running loss/accuracy sums added over ranks (what a state file holds)."""
+    if D.world() == 1:
+        return progress
+    loss_sum, correct, seen = D.all_sum([progress["loss_sum"], progress["correct"], progress["seen"]])
+    return {**progress, "loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
 
 
 def _read_metrics(path: Path) -> list[dict]:
