@@ -11,11 +11,12 @@ each implementation in a fresh spawned process (not for the compiled cases: they
 The *reference algorithm* (our own re-implementation of what the paper's code does): fp32; every PGD
 step calls ``loss.backward()`` (weight gradients included, then thrown away); the best iterate is picked
 by batch-mean loss; one extra final forward scores the last iterate; then the training step.
-The reference runs timm's model as timm builds it; ours runs advtransfer's, whose few-channel patchify stem
-is computed as a matrix product on CPU (``models.PatchConv``: same weights and function; ``ours_fp32_conv``
-is ours with timm's convolution stem, to separate the two gains).
+The reference (and torchattacks) run timm's model as timm builds it; ours runs advtransfer's build of the
+same weights and function: a few-channel patchify stem computed as a matrix product on CPU
+(``models.PatchConv``) and ConvNets in channels-last layout. ``ours_fp32_stock`` is ours on timm's layout,
+to separate the model-layout gain from the algorithm's.
 Ours: input-only gradients (``torch.autograd.grad`` w.r.t. δ), frozen parameters outside autograd,
-optionally bf16 autocast for attack + step (``train.bf16``), channels_last for ConvNets, and
+optionally bf16 autocast for attack + step (``train.bf16``), and
 torch.compile (``train.compile``; Full-FT only, its compile time is printed apart from the step time).
 
 The last lines printed are ``name=value`` figures (geometric means over the models for Full-FT).
@@ -88,6 +89,14 @@ def _build(model_name: str, method: str):
     return model, x, y
 
 
+def as_timm_builds_it(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo advtransfer's layout choices in place: the stem a convolution again, weights NCHW-contiguous."""
+    from advtransfer.models import patchify_as_matmul
+
+    patchify_as_matmul(model, enable=False)
+    return model.to(memory_format=torch.contiguous_format)
+
+
 def _interleaved(fns: dict, iters: int) -> tuple[dict[str, float], dict[str, float]]:
     """Time every function of ``fns`` in this process, round-robin (the starting one rotates), so machine
     noise hits all alike. Returns (first-call seconds, median seconds over ``iters`` after one warm-up)."""
@@ -111,14 +120,10 @@ def _train_step_fn(model, x, y, impl: str):
     """One PGD-7 adversarial training step of ``impl`` on its own copy of the model."""
     from advtransfer.attacks import Threat
     from advtransfer.config import TrainConfig
-    from advtransfer.models import patchify_as_matmul
     from advtransfer.train import make_optimizer, train_step
 
-    if impl in ("reference", "ours_fp32_conv"):  # the stock timm stem: a convolution
-        patchify_as_matmul(model, enable=False)
-    if impl == "ours_cl":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    if impl in ("reference", "ours_fp32_stock"):
+        as_timm_builds_it(model)
     cfg = TrainConfig(lr=1e-4, bf16=impl.endswith("bf16"), compile=impl.startswith("ours_compile"))
     opt = make_optimizer(model, cfg)
     if impl == "reference":
@@ -153,12 +158,10 @@ def case_pgd_eval(model_name: str, iters: int) -> dict:
 
     from advtransfer.attacks import Threat
     from advtransfer.evaluate import pgd_correct
-    from advtransfer.models import patchify_as_matmul
 
     model, x, y = _build(model_name, "linear")
     model.eval()
-    stock = copy.deepcopy(model)  # what a torchattacks user has: timm's model, stem a convolution
-    patchify_as_matmul(stock, enable=False)
+    stock = as_timm_builds_it(copy.deepcopy(model))  # what a torchattacks user has
     atk = torchattacks.PGD(stock, eps=EPS, alpha=EPS / 4, steps=10, random_start=True)
     threat = Threat(EPS, "Linf", 10)
 
@@ -170,7 +173,7 @@ def case_pgd_eval(model_name: str, iters: int) -> dict:
     fns = {
         "torchattacks": torchattacks_pgd,
         "ours": lambda: pgd_correct(model, x, y, threat, batch_size=len(x)),
-        "ours_conv": lambda: pgd_correct(stock, x, y, threat, batch_size=len(x)),  # the attack alone
+        "ours_stock": lambda: pgd_correct(stock, x, y, threat, batch_size=len(x)),  # the attack alone
     }
     _, sec = _interleaved(fns, iters)
     return {k: len(x) / v for k, v in sec.items()}
@@ -227,7 +230,7 @@ def main() -> None:
             if method == "vpt" and m.startswith("resnet"):
                 continue
             impls = ["reference", "ours_fp32", "ours_bf16"]
-            impls += ["ours_cl"] if m.startswith("resnet") else ["ours_fp32_conv"] if method == "full" else []
+            impls += ["ours_fp32_stock"] if method == "full" else []
             if method == "full" and not args.no_compile:  # compile time (~1 min per graph here): Full-FT only
                 impls += ["ours_compile", "ours_compile_bf16"]
             timed = run_case("train", m, method, impls, iters, threads=args.threads)
@@ -259,13 +262,13 @@ def main() -> None:
                 "case": "pgd10_eval",
                 "torchattacks_img_s": pg["torchattacks"],
                 "ours_img_s": pg["ours"],
-                "ours_conv_stem_img_s": pg["ours_conv"],
+                "ours_stock_model_img_s": pg["ours_stock"],
                 "speedup": r,
             }
         )
         print(
             f"PGD-10 eval {m}: torchattacks {pg['torchattacks']:.0f} img/s, ours {pg['ours']:.0f} img/s -> {r:.2f}x"
-            f" (ours with timm's conv stem {pg['ours_conv']:.0f} img/s -> {pg['ours_conv'] / pg['torchattacks']:.2f}x)"
+            f" (ours on timm's layout {pg['ours_stock']:.0f} img/s -> {pg['ours_stock'] / pg['torchattacks']:.2f}x)"
         )
     aa = run_case("aa", 64 if not args.quick else 16, threads=args.threads)
     print(f"AutoAttack (standard) on an untrained mini-ViT: {aa['img_per_s']:.1f} img/s")

@@ -21,6 +21,7 @@ from advtransfer.models import (
     ModelSpec,
     atomic_write,
     build,
+    is_convnet,
     load_backbone_weights,
     load_classifier,
     patchify_as_matmul,
@@ -111,6 +112,50 @@ def test_patchify_as_matmul_is_the_same_function(name: str, kwargs: dict, px: in
     for n in w1:
         torch.testing.assert_close(w1[n], w2[n], atol=1e-4, rtol=1e-4, msg=n)
     assert patchify_as_matmul(slow) == converted  # and back
+
+
+def test_convnets_are_built_channels_last(tmp_path: Path) -> None:
+    """ConvNets get channels-last weights (same function); a checkpoint and a resumed optimiser state made
+    from them continue bit-identically; a ViT keeps its layout."""
+    from advtransfer.config import TrainConfig
+    from advtransfer.train import load_state, make_optimizer, make_scheduler, save_state
+
+    assert not is_convnet(_built(0).backbone)  # a ViT: its patchify stem does not count
+
+    def resnet() -> tuple[Classifier, ModelSpec]:
+        torch.manual_seed(0)
+        spec = ModelSpec("resnet18", {}, 5, input_size=[32, 32])
+        return build(spec), spec
+
+    model, spec = resnet()
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(model.eval()(x), plain(x), atol=1e-5, rtol=1e-4)
+    save_checkpoint(model, spec, tmp_path / "r.safetensors")
+    back, _ = load_classifier(tmp_path / "r.safetensors")
+    assert torch.equal(back(x), model(x)) and back.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+    cfg = TrainConfig(epochs=1, batch_size=4)
+
+    def steps(m: Classifier, opt, n: int) -> None:
+        m.train()
+        for _ in range(n):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    opt = make_optimizer(model, cfg)
+    steps(model, opt, 1)
+    save_state(tmp_path / "state.safetensors", model, opt, make_scheduler(opt, cfg, 1), {"epoch": 0, "step": 1})
+    fresh, _ = resnet()
+    opt2 = make_optimizer(fresh, cfg)
+    load_state(tmp_path / "state.safetensors", fresh, opt2, make_scheduler(opt2, cfg, 1))
+    torch.manual_seed(1)
+    steps(model, opt, 2)
+    torch.manual_seed(1)
+    steps(fresh, opt2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_patch_conv_crops_like_a_strided_conv() -> None:

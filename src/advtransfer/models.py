@@ -99,6 +99,11 @@ def patchify_as_matmul(model: nn.Module, enable: bool = True) -> int:
     return n
 
 
+def is_convnet(model: nn.Module) -> bool:
+    """Has a convolution besides a patchify stem (ResNet, ConvNeXt, a hybrid ViT), not a plain ViT/Swin."""
+    return any(isinstance(m, nn.Conv2d) and not isinstance(m, PatchConv) for m in model.modules())
+
+
 @dataclass
 class ModelSpec:
     """Everything needed to rebuild a ``Classifier`` (stored as checkpoint metadata)."""
@@ -152,6 +157,8 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
     spec.input_size = list(spec.input_size or default_input_size(backbone))
     spec.in_chans = in_chans
     patchify_as_matmul(backbone)
+    if is_convnet(backbone):  # oneDNN's convolutions are faster on channels-last weights (docs/performance.md)
+        backbone.to(memory_format=torch.channels_last)
     return Classifier(backbone, spec.mean, spec.std, tuple(spec.input_size), in_chans)
 
 
