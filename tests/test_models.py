@@ -134,7 +134,9 @@ def test_convnets_are_built_channels_last(tmp_path: Path) -> None:
     torch.testing.assert_close(model.eval()(x), plain(x), atol=1e-5, rtol=1e-4)
     save_checkpoint(model, spec, tmp_path / "r.safetensors")
     back, _ = load_classifier(tmp_path / "r.safetensors")
-    assert torch.equal(back(x), model(x)) and back.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(back(x), model(x)) and back.backbone.conv1.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
 
     cfg = TrainConfig(epochs=1, batch_size=4)
 

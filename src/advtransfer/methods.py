@@ -208,6 +208,8 @@ def peft_tuner(model: Classifier, tuner: str = "lora", targets: list[str] | None
         config = configs[tuner](target_modules=rx, **options)
     except (TypeError, ValueError) as e:
         raise UserError(f"method: bad options for peft tuner {tuner}: {str(e).splitlines()[0]}") from None
+    if tuner != "lora":  # BOFT, HRA, ... view conv weights as NCHW-contiguous: undo build's channels-last
+        model.backbone.to(memory_format=torch.contiguous_format)
     before = {id(p) for p in model.parameters()}
     try:
         peft.inject_adapter_in_model(config, model.backbone)
