@@ -3,8 +3,10 @@
 ``torchrun --nproc_per_node N -m advtransfer run CONFIG`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; we
 initialise gloo on CPU and NCCL on GPU. Training splits every global batch into equal contiguous shards
 (one per rank) and averages gradients with DDP, so N processes at global batch B take the same steps as
-one process at batch B. Evaluation shards the examples and all-gathers the per-example masks. Only rank 0
-writes files.
+one process at batch B (BatchNorm models: on GPU their layers become ``SyncBatchNorm``; on CPU, where
+PyTorch has no SyncBatchNorm, each rank normalises with its shard's statistics and the run log says so).
+Evaluation shards the examples and all-gathers the per-example masks. Only rank 0 writes files. A signal
+stops every rank at the same step; ``--resume`` continues exactly (the tests check both).
 """
 
 from __future__ import annotations

@@ -348,6 +348,12 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
     if D.world() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if dev.type == "cuda":  # batch statistics over the global batch, as one process would compute them
+                torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same Parameter objects: the optimiser still fits
+            else:
+                log(f"{stage.dir.name}: BatchNorm under torchrun on CPU normalises with each rank's shard "
+                    "(SyncBatchNorm is GPU-only), so training differs slightly from one process")  # fmt: skip
         ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         ddp = compiled(ddp, dev) if cfg.compile else ddp
     with StopRequest() as stop:
