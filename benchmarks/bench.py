@@ -193,7 +193,15 @@ def case_autoattack(n: int) -> dict:
 def _worker(kind: str, args: tuple, q) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args[-1])
-    fn = {"train": case_train, "memory": case_train_memory, "pgd": case_pgd_eval, "aa": case_autoattack}[kind]
+    from eval_batch import case_eval_batch
+
+    fn = {
+        "train": case_train,
+        "memory": case_train_memory,
+        "pgd": case_pgd_eval,
+        "aa": case_autoattack,
+        "eval_batch": case_eval_batch,
+    }[kind]
     res = fn(*args[:-1])
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     q.put(res)
@@ -270,6 +278,15 @@ def main() -> None:
             f"PGD-10 eval {m}: torchattacks {pg['torchattacks']:.0f} img/s, ours {pg['ours']:.0f} img/s -> {r:.2f}x"
             f" (ours on timm's layout {pg['ours_stock']:.0f} img/s -> {pg['ours_stock'] / pg['torchattacks']:.2f}x)"
         )
+    from eval_batch import report
+
+    for m in models:
+        if m == "vit_tiny224":
+            continue
+        rates = run_case("eval_batch", m, 2 if args.quick else 3, threads=args.threads)
+        rates = {int(k): v for k, v in rates.items() if k != "peak_rss_mb"}
+        rows.append({"model": m, "case": "pgd10_eval_by_batch", "img_per_s": rates})
+        print(report(m, rates), flush=True)
     aa = run_case("aa", 64 if not args.quick else 16, threads=args.threads)
     print(f"AutoAttack (standard) on an untrained mini-ViT: {aa['img_per_s']:.1f} img/s")
 

@@ -68,9 +68,9 @@ class PatchConv(nn.Conv2d):
 
     Same parameters, state-dict keys and outputs (up to summation order) as the ``nn.Conv2d`` it replaces;
     ``patchify_as_matmul`` swaps the class in place. Every attack step needs the input gradient of the
-    image stem, and oneDNN's backward-data for a few-channel patchify conv costs 8-25x its forward on this
-    CPU (mini-ViT stem 7.4 ms fwd+input-grad as a conv vs 0.9 ms as a matrix product; ViT-Tiny/224 41 vs
-    16 ms; ``docs/performance.md``). On other devices the convolution runs unchanged.
+    image stem, and oneDNN's backward-data for a few-channel patchify conv is slow: forward + input gradient
+    as a matrix product is about 7x faster for the mini-ViT stem, 2-3x for ViT-Tiny/16 and ViT-B/16 at 224 px
+    (``benchmarks/patch_stem.py``). On other devices the convolution runs unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def patchify_as_matmul(model: nn.Module, enable: bool = True) -> int:
     """Turn every image-stem patchify conv (kernel == stride > 1, no padding, dilation or groups, at most 4
     input channels) into a ``PatchConv`` (``enable=False``: back to ``nn.Conv2d``); returns how many.
 
-    Only few-channel stems gain: for a ConvNeXt-style 2x2 downsampling of 96+ channels the conv is as fast.
+    Only few-channel stems gain: a ConvNeXt-style 2x2 downsampling of 96 channels is faster as a conv.
     """
     n = 0
     for m in model.modules():
