@@ -8,12 +8,7 @@ The same 512 test-like images are attacked with every batch size, interleaved in
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 BATCHES = (32, 64, 128, 256, 512)
 N = 512

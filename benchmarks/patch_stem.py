@@ -11,15 +11,11 @@ Both forms run in this process, interleaved (``bench._interleaved``), on the sam
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import torch
+from bench import _interleaved  # benchmarks/ is on sys.path: this script's own folder
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench import _interleaved  # noqa: E402
-
-from advtransfer.models import PatchConv, patchify_as_matmul  # noqa: E402
+from advtransfer.models import PatchConv, patchify_as_matmul
 
 CASES = {
     # name: (batch, in channels, px, patch, out channels)

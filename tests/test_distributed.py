@@ -24,22 +24,40 @@ from advtransfer.models import ModelSpec, build, read_state, save_checkpoint
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 
 
-def _run(cmd: list[str], out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+def _cmd(cfg: Path, out: Path, *extra: str, ranks: int = 2) -> list[str]:
+    """``advtransfer run`` in one process, or under torchrun with ``ranks`` CPU processes."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    return [sys.executable, *launcher, "-m", "advtransfer", "run", str(cfg), "--out", str(out), *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(cfg: Path, out: Path, ranks: int) -> dict:
+    p = subprocess.run(_cmd(cfg, out, ranks=ranks), capture_output=True, text=True, env=_env(), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.slow
-def test_two_process_ddp_equals_one_process(tmp_path):
+def _torchrun(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(cfg, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+
+
+def _source(tmp_path: Path) -> str:
+    """A randomly initialised tiny ViT source checkpoint."""
     torch.manual_seed(0)
     spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
-    src = tmp_path / "src.safetensors"
-    save_checkpoint(build(spec), spec, src)
+    save_checkpoint(build(spec), spec, tmp_path / "src.safetensors")
+    return str(tmp_path / "src.safetensors")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path):
     cfg = {
         "data": {"name": "fashion-mnist", "n_train": 64, "n_val": 32, "n_test": 32},
-        "model": {"checkpoint": str(src)},
+        "model": {"checkpoint": _source(tmp_path)},
         "method": {"name": "full"},
         "attack": {"eps": "0.1", "steps": 2},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.001},
@@ -48,9 +66,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     }  # fmt: skip
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    one = _run([sys.executable, "-m", "advtransfer", "run", str(path)], tmp_path / "one")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = _run([*torchrun, "-m", "advtransfer", "run", str(path)], tmp_path / "two")
+    one = _run(path, tmp_path / "one", ranks=1)
+    two = _run(path, tmp_path / "two", ranks=2)
     w1, w2 = read_state(tmp_path / "one" / "best.safetensors"), read_state(tmp_path / "two" / "best.safetensors")
     assert w1.keys() == w2.keys()
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
@@ -64,23 +81,13 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert (tmp_path / "two" / "log.txt").read_text().count("result:") == 1  # only rank 0 writes
 
 
-def _torchrun(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*cmd, "-m", "advtransfer", "run", str(cfg), "--out", str(out), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-
-
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
     """SIGINT to torchrun reaches the ranks at different moments; they still stop at one step, save the
     epoch's global running sums, and the resumed run's metrics and weights equal an uninterrupted run's."""
-    torch.manual_seed(0)
-    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5])
-    save_checkpoint(build(spec), spec, tmp_path / "src.safetensors")
     cfg = {
         "data": {"name": "fashion-mnist", "n_train": 1024, "n_val": 32, "n_test": 32},
-        "model": {"checkpoint": str(tmp_path / "src.safetensors")},
+        "model": {"checkpoint": _source(tmp_path)},
         "attack": {"eps": "0.1", "steps": 2},
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.001},
         "eval": {"val_pgd_steps": 2, "pgd_steps": 2, "autoattack": False},

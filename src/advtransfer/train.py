@@ -404,7 +404,7 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
                     every = cfg.checkpoint_every
                     # under torchrun every rank stops at the same step (a signal reaches them at different
                     # times; a rank that stopped alone would leave the others waiting in the all-reduce)
-                    stopping = stop.requested if D.world() == 1 else D.all_sum([float(stop.requested)])[0] > 0
+                    stopping = D.all_sum([float(stop.requested)])[0] > 0
                     if (every and (epoch * steps_per_epoch + progress["step"]) % every == 0) or stopping:
                         save_state(stage.state_path, model, opt, sched, _global_sums(progress))
                     if stopping:
@@ -412,11 +412,11 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             except KeyboardInterrupt:  # a second Ctrl-C, or no handler (not the main thread): mid-step, unsaved
                 kept = stage.state_path if stage.state_path.exists() else "nothing saved yet"
                 raise Interrupted(f"interrupted mid-step; last saved state kept ({kept})") from None
-            sums = D.all_sum([progress["loss_sum"], progress["correct"], progress["seen"]])
+            sums = _global_sums(progress)
             record = {
                 "epoch": epoch,
-                "train_loss": sums[0] / max(1, sums[2]),
-                "train_acc": sums[1] / max(1, sums[2]),
+                "train_loss": sums["loss_sum"] / max(1, sums["seen"]),
+                "train_acc": sums["correct"] / max(1, sums["seen"]),
                 "lr": sched.get_last_lr()[0],
                 **validate(model, val, stage.val_threat, stage.eval_batch_size, stage.workers),
                 "seconds": round(time.time() - t0, 2),  # wall time: the one field that differs between runs
@@ -440,8 +440,6 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
 
 def _global_sums(progress: dict) -> dict:
     """``progress`` with the epoch's running loss/accuracy sums added over ranks (what a state file holds)."""
-    if D.world() == 1:
-        return progress
     loss_sum, correct, seen = D.all_sum([progress["loss_sum"], progress["correct"], progress["seen"]])
     return {**progress, "loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
 
