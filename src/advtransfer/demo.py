@@ -1,7 +1,7 @@
 """``advtransfer demo``: the shipped robust mini-ViT transferred to Fashion-MNIST with every method x init.
 
-The RanLI linear probe is run once and doubles as stage 1 of every RoLI run (as in the paper, one robust
-linear head initialises all methods). Each entry is an ordinary run directory under ``--out``; finished
+The RanLI linear probe is run once, with the preset's ``probe`` settings, and doubles as stage 1 of every RoLI run
+(as in the paper, one robust linear head initialises all methods). Each entry is an ordinary run directory under ``--out``; finished
 runs are skipped, so an interrupted demo continues where it stopped.
 """
 
@@ -14,12 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import load_config
-from .models import atomic_write
-from .pipeline import RESULT, run
-from .report import results_table
-
-ORDER = ["linear", "full", "vpt", "lora", "adapter", "bias"]
+from .configfile import load_config
+from .pipeline import run
+from .report import ORDER, results_table
+from .rundir import RESULT, read_jsonl, write_text
 
 
 def demo_configs(out: Path, methods: list[str]) -> list[tuple[Path, object]]:
@@ -27,23 +25,16 @@ def demo_configs(out: Path, methods: list[str]) -> list[tuple[Path, object]]:
     ckpt = Path(base["model"]["checkpoint"])
     if not ckpt.is_absolute():
         base["model"]["checkpoint"] = str(Path(__file__).resolve().parents[2] / ckpt)
-    runs = [(out / "linear-ranli", load_config(base=base))]
+    runs = [(out / "linear-ranli", load_config(base={**base, "train": base["probe"]}))]  # the probe trains as one
     for m in methods:
         if m == "linear":
             continue
         for init in ("ranli", "roli"):
             sets = [f"method.name={m}", f"method.init={init}"]
-            cfg_base = base
-            if init == "roli":  # the reused probe is the linear-ranli run: record its settings as `probe`
+            if init == "roli":  # stage 1 is the linear-ranli run
                 sets.append(f"method.probe_run={out / 'linear-ranli'}")
-                cfg_base = {**base, "probe": base["train"]}
-            runs.append((out / f"{m}-{init}", load_config(overrides=sets, base=cfg_base)))
+            runs.append((out / f"{m}-{init}", load_config(overrides=sets, base=base)))
     return runs
-
-
-def _epochs(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def _run_one(job: tuple) -> dict:
@@ -73,12 +64,12 @@ def run_demo(out: Path, methods: list[str] | None = None, overwrite: bool = Fals
     c = cards[0]
     header = (
         f"Demo: robust MNIST mini-ViT -> Fashion-MNIST, eps={c['eps']} {c['norm']}; train {c.get('n_train')} images x "
-        f"{len(_epochs(out / 'linear-ranli'))} epochs "
+        f"{len(read_jsonl(out / 'linear-ranli' / 'metrics.jsonl'))} epochs "
         f"(PGD-7), test clean/PGD-10 on n={c['n_eval']}, AutoAttack on n={c.get('n_autoattack')} "
         f"({'standard' if c['autoattack_settings']['standard'] else 'NON-STANDARD: ' + '+'.join(c['autoattack_settings']['attacks']) + ' only, to fit the 10-minute budget'}); "
         f"wall {time.time() - t0:.0f} s with {workers} worker processes"
     )
     table = header + "\n\n" + results_table(cards)
-    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text("# advtransfer demo\n\n" + table + "\n"))
+    write_text(out / "report.md", "# advtransfer demo\n\n" + table + "\n")
     print(table)
     return table

@@ -92,3 +92,20 @@ def all_sum(values: list[float]) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def ddp(model: torch.nn.Module, log, compile_it: bool = False) -> torch.nn.Module | None:
+    """A DistributedDataParallel wrapper of ``model`` under torchrun (None in one process); BatchNorm becomes
+    SyncBatchNorm on GPU (batch statistics over the global batch, as one process computes them)."""
+    if world() == 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(model.parameters()).device
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if dev.type == "cuda":
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("BatchNorm under torchrun on CPU normalises with each rank's shard (SyncBatchNorm is GPU-only)")
+    wrapped = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return torch.compile(wrapped) if compile_it else wrapped

@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class RunError(Exception):
     """A failure during a run; the message says what happened and what was kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the run stopped at a safe point with its state saved; ``--resume`` continues it (exit 130)."""

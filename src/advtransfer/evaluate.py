@@ -1,260 +1,167 @@
-"""Clean / PGD / AutoAttack accuracy with per-example masks, and sanity flags against false robustness.
+"""Clean / PGD / AutoAttack accuracy as per-example masks, streamed batch by batch, with sanity flags.
 
-Every accuracy is the mean of a per-example boolean mask (True = still correct), so an ensemble result
-is the per-example worst case (a logical AND over attacks), never a mean over attacks. AutoAttack is
-fra31's standard version through ``pyautoattack``: APGD-CE, APGD-T and FAB-T with ``min(9, K-1)`` target
-classes, Square with 5000 queries. The model is evaluated in ``eval()`` mode and in fp32.
+Every accuracy is the mean of a per-example boolean mask (True = still correct), so an ensemble result is the
+per-example worst case (a logical AND over attacks). No split is ever materialised: images are loaded a batch at a
+time (``Batches``) and only masks are kept. PGD attacks only the clean-correct examples (the others cannot be robust:
+the result is identical, the cost lower). AutoAttack is fra31's standard version through ``pyautoattack`` with
+``min(9, K-1)`` target classes, run attack by attack over the still-robust examples (as ``run_standard_evaluation``
+does), resumable after every batch through a JSON state. The model is evaluated in ``eval()`` mode and fp32.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .attacks import Threat, pgd
-from .errors import UserError
-from .models import atomic_write
+from . import distributed as D
+from .attacks import Threat, autoattack, autoattack_correct, clean_correct, pgd_correct
+from .checks import attack_flags, autoattack_flags, model_flags, sweep_flags
+from .config import AA_ATTACKS
+from .data import Split, batches, to_device
+from .errors import Interrupted, UserError
+from .rundir import StopRequest, atomic_write
 
 ATTACKS = ("clean", "pgd", "autoattack")
-AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+# idx -> (idx chunk, x, y) batches on the device, in the order of idx
+Batches = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-@torch.no_grad()
-def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # no graph for trainable parameters: evaluation only reads the logits
-            return torch.cat(
-                [model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size] for i in range(0, len(x), batch_size)]
-            )
-    finally:
-        model.train(was)
+def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Batches:
+    def load(idx: torch.Tensor):
+        for chunk in idx.split(batch_size):
+            yield chunk, images[chunk.to(images.device)], labels[chunk.to(labels.device)]
+
+    return load
 
 
-def pgd_correct(
+def split_batches(split: Split, batch_size: int, device: torch.device, workers: int = 0) -> Batches:
+    def load(idx: torch.Tensor):
+        at = 0
+        for xb, yb in batches(split, batch_size, order=idx, workers=workers):
+            yield idx[at : at + len(yb)], *to_device(xb, yb, device)
+            at += len(yb)
+
+    return load
+
+
+def _check_stop(stop: StopRequest | None, what: str) -> None:
+    if stop is not None and D.all_sum([float(stop.requested)])[0] > 0:
+        raise Interrupted(f"interrupted during {what}")
+
+
+def clean_pgd_masks(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    threat: Threat,
+    load: Batches,
+    idx: torch.Tensor,
+    threat: Threat | None,
     *,
     restarts: int = 1,
     loss: str = "ce",
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Per-example mask: still correct after PGD (worst case over restarts)."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        adv = pgd(model, xb, yb, threat, restarts=restarts, loss=loss)
-        out.append(clean_correct(model, adv, yb, batch_size))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    stop: StopRequest | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masks over ``idx`` (positions 0..len-1): ``clean`` and, with a ``threat``, ``pgd`` (robust and correct)."""
+    pos = torch.full((int(idx.max()) + 1 if len(idx) else 0,), -1, dtype=torch.long)
+    pos[idx] = torch.arange(len(idx))
+    out = {
+        "clean": torch.zeros(len(idx), dtype=torch.bool),
+        **({"pgd": torch.zeros(len(idx), dtype=torch.bool)} if threat else {}),
+    }
+    for chunk, x, y in load(idx):
+        c = clean_correct(model, x, y)
+        out["clean"][pos[chunk]] = c.cpu()
+        if threat is not None:
+            out["pgd"][pos[chunk]] = pgd_correct(model, x, y, threat, restarts=restarts, loss=loss, only=c).cpu()
+        _check_stop(stop, "the test evaluation (rerun with --resume)")
+    return out
 
 
-def autoattack_correct(
+def autoattack_mask(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    load: Batches,
+    idx: torch.Tensor,
+    clean: torch.Tensor,
     *,
     eps: float,
-    norm: str = "Linf",
-    num_classes: int | None = None,
+    norm: str,
+    num_classes: int,
     version: str = "standard",
     attacks: Sequence[str] = (),
     seed: int = 0,
-    batch_size: int = 256,
     state_path: Path | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example AutoAttack mask (True = robust) and adversarial images; resumable via ``state_path``.
+    stop: StopRequest | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Per-example AutoAttack mask over ``idx`` (True = robust) starting from the ``clean`` mask, and its settings.
 
-    The attacks of the chosen version run one after another, each on the examples still robust, exactly
-    as ``run_standard_evaluation`` does, so the mask is the per-example worst case. We drive the sequence
-    ourselves (one attack per call) because pyautoattack 0.2.0's own state file cannot be reloaded (it
-    writes the attack set as a Python repr); our JSON state records the mask after every finished attack.
+    Each attack of the version runs over the examples still robust, batch by batch; the JSON state at
+    ``state_path`` records the mask after every batch, so an interrupted evaluation continues where it stopped
+    (pyautoattack 0.2.0's own state file cannot be reloaded: it writes the attack set as a Python repr).
     """
-    from pyautoattack import AutoAttack
+    if version == "custom" and (not attacks or set(attacks) - set(AA_ATTACKS)):
+        raise UserError(f"eval: custom AutoAttack needs attacks from {list(AA_ATTACKS)}, got {list(attacks)}")
+    dev = next(model.parameters()).device
+    aa, sequence = autoattack(model, eps, norm, num_classes, version=version, attacks=attacks, seed=seed, device=dev)
+    key = _state_key(
+        model, load, idx, eps=float(eps), norm=norm, seed=seed, version=version, attacks=sequence, k=num_classes
+    )
+    state = _load_state(state_path, key) or {"key": key, "done": [], "robust": clean.tolist(), "per_attack": {}}
+    robust = torch.tensor(state["robust"], dtype=torch.bool)
+    for attack in sequence:
+        if attack in state["done"]:
+            continue
+        todo = robust.nonzero().squeeze(1)
+        todo = todo[todo >= state.get("upto", -1)] if state.get("attack") == attack else todo
+        for chunk, x, y in load(idx[todo]):
+            at = todo[: len(chunk)]
+            todo = todo[len(chunk) :]
+            robust[at] = autoattack_correct(aa, attack, x, y, model).cpu()
+            state.update(robust=robust.tolist(), attack=attack, upto=int(todo[0]) if len(todo) else len(idx))
+            _save_state(state_path, state)
+            _check_stop(stop, f"AutoAttack {attack} (finished batches are saved; rerun with --resume)")
+        state["done"].append(attack)
+        state["per_attack"][attack] = robust.float().mean().item()
+        _save_state(state_path, state)
+    import pyautoattack
 
-    if version == "custom":
-        bad = [a for a in attacks if a not in AA_ATTACKS]
-        if not attacks or bad:
-            raise UserError(f"eval: custom AutoAttack needs attacks from {list(AA_ATTACKS)}, got {list(attacks)}")
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)
-    was = model.training
-    model.eval()
-    try:
-        custom = list(attacks) if version == "custom" else None
-        aa = AutoAttack(model, eps=eps, norm=norm, seed=seed, version=version, device=x.device, attacks=custom)
-        aa.verbose = False
-        k = num_classes or int(model(x[:1]).shape[1])
-        aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, k - 1)
-        aa.fab.n_target_classes = min(aa.fab.n_target_classes, k - 1)
-        sequence = list(aa.attacks_to_run)
-        key = _aa_key(model, x, y, eps=eps, norm=norm, seed=seed, version=version, attacks=sequence, k=k)
-        state = _load_aa_state(state_path, key)
-        if state is None:
-            robust0 = clean_correct(model, x, y, batch_size).cpu().tolist()
-            state = {"key": key, "done": [], "robust": robust0, "per_attack": {}}
-            _save_aa_state(state_path, state)
-        robust = torch.tensor(state["robust"], dtype=torch.bool)
-        x_adv = x.clone()
-        for attack in sequence:
-            if attack in state["done"]:
-                continue
-            idx = robust.nonzero().squeeze(1)
-            if len(idx):
-                aa.attacks_to_run = [attack]
-                on = idx.to(x.device)
-                adv, _ = aa.run_standard_evaluation(x[on], y[on], batch_size=batch_size)
-                adv = adv.to(x.device)
-                broken = ~clean_correct(model, adv, y[idx], batch_size).cpu()
-                robust[idx[broken]] = False
-                x_adv[on[broken.to(x.device)]] = adv[broken.to(x.device)]
-            state["done"].append(attack)
-            state["robust"] = robust.tolist()
-            state["per_attack"][attack] = robust.float().mean().item()
-            _save_aa_state(state_path, state)
-    finally:
-        model.train(was)
-    return robust, x_adv
-
-
-def _aa_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **settings) -> dict:
-    """What an AutoAttack state belongs to: settings, the labels, and the model's logits on a few images."""
-    import hashlib
-
-    with torch.no_grad():
-        probe = model(x[:4]).float().cpu().numpy().round(3).tobytes()
-    data = y.cpu().numpy().tobytes() + x[:4].cpu().numpy().tobytes()
-    return {
-        **settings,
-        "n": len(x),
-        "data": hashlib.sha256(data).hexdigest()[:16],
-        "model": hashlib.sha256(probe).hexdigest()[:16],
+    settings = {
+        "version": version,
+        "standard": version == "standard",
+        "attacks": sequence,
+        "library": f"pyautoattack {pyautoattack.__version__}",
     }
+    return robust, settings
 
 
-def _load_aa_state(path: Path | None, key: dict) -> dict | None:
+def _state_key(model: nn.Module, load: Batches, idx: torch.Tensor, **settings) -> dict:
+    """What an AutoAttack state belongs to: settings, the examples, and the model's logits on a few of them."""
+    _, x, y = next(load(idx[:4]))
+    with torch.no_grad():
+        logits = model(x).float().cpu().numpy().round(3).tobytes()
+    data = idx.numpy().tobytes() + y.cpu().numpy().tobytes() + x.cpu().numpy().tobytes()
+    digest = {k: hashlib.sha256(v).hexdigest()[:16] for k, v in (("data", data), ("model", logits))}
+    return {**settings, "n": len(idx), **digest}
+
+
+def _load_state(path: Path | None, key: dict) -> dict | None:
     if path is None or not Path(path).exists():
         return None
     try:
         state = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         raise UserError(f"eval: AutoAttack state {path} is unreadable; delete it to start over") from None
     if state.get("key") != key:
         raise UserError(f"eval: AutoAttack state {path} belongs to another evaluation (model, data or settings differ)")
     return state
 
 
-def _save_aa_state(path: Path | None, state: dict) -> None:
+def _save_state(path: Path | None, state: dict) -> None:
     if path is not None:
-        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(state)), all_ranks=True)
-
-
-def _noise(p: float, n: int) -> float:
-    """Two binomial standard errors plus one example: what a difference must exceed to count."""
-    return 2 * math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1)) + 1.0 / max(n, 1)
-
-
-def model_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training: bool) -> list[dict]:
-    """Checks on the model itself: train mode, determinism, probabilities instead of logits, zero gradients."""
-    flags = []
-    if was_training:
-        flags.append(
-            {"flag": "model_in_train_mode", "detail": "the model was passed in train mode; evaluated in eval mode"}
-        )
-    x, y = x[:64], y[:64]
-    with torch.no_grad():
-        a, b = model(x), model(x)
-    if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
-        flags.append(
-            {
-                "flag": "nondeterministic_forward",
-                "detail": "two eval-mode forwards differ: randomness can fake robustness",
-            }
-        )
-    if (a >= 0).all() and torch.allclose(a.sum(1), torch.ones(len(a), device=a.device), atol=1e-3):
-        flags.append(
-            {
-                "flag": "outputs_look_like_probabilities",
-                "detail": "rows are non-negative and sum to 1: attacks need logits",
-            }
-        )
-    xg = x.clone().requires_grad_(True)
-    loss = nn.functional.cross_entropy(model(xg).float(), y, reduction="sum")
-    (g,) = torch.autograd.grad(loss, xg)
-    vanishing = (g.flatten(1).abs().amax(1) < 1e-10).float().mean().item()
-    if vanishing > 0.1:
-        flags.append(
-            {
-                "flag": "vanishing_input_gradients",
-                "detail": f"{vanishing:.0%} of examples have zero input gradient: gradient masking",
-            }
-        )
-    return flags
-
-
-def result_flags(res: dict, n: int) -> list[dict]:
-    """Checks across the accuracies of one evaluation."""
-    flags = []
-    clean = res.get("clean")
-    for key in ("pgd", "autoattack"):
-        if clean is not None and res.get(key) is not None and res[key] > clean + 1e-9:
-            flags.append(
-                {
-                    "flag": "robust_above_clean",
-                    "detail": f"{key} {res[key]:.4f} > clean {clean:.4f}: impossible for a correct attack",
-                }
-            )
-    if res.get("pgd") is not None and res.get("autoattack") is not None:
-        if res["autoattack"] > res["pgd"] + _noise(res["pgd"], n):
-            flags.append(
-                {
-                    "flag": "autoattack_above_pgd",
-                    "detail": f"AutoAttack {res['autoattack']:.4f} > PGD {res['pgd']:.4f} beyond noise",
-                }
-            )
-    return flags
-
-
-def attack_strength_flags(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    threat: Threat,
-    num_classes: int,
-    batch_size: int,
-) -> list[dict]:
-    """Stronger attacks must not do worse; a huge ε must break the model. Run on up to 100 examples."""
-    flags = []
-    x, y = x[:100], y[:100]
-    n = len(x)
-    base = pgd_correct(model, x, y, threat, batch_size=batch_size).float().mean().item()
-    stronger = Threat(threat.eps, threat.norm, threat.steps * 2, threat.alpha / 2)
-    more = pgd_correct(model, x, y, stronger, restarts=2, batch_size=batch_size).float().mean().item()
-    if more > base + _noise(base, n):
-        flags.append(
-            {
-                "flag": "stronger_attack_raises_accuracy",
-                "detail": f"PGD-{stronger.steps}x2 restarts {more:.3f} > PGD-{threat.steps} {base:.3f}",
-            }
-        )
-    huge = Threat(0.5 if threat.norm == "Linf" else threat.eps * 20, threat.norm, 20, None)
-    acc = pgd_correct(model, x, y, huge, batch_size=batch_size).float().mean().item()
-    chance = 1.0 / max(num_classes, 2)
-    if acc > chance + 0.1 + _noise(chance, n):
-        flags.append(
-            {
-                "flag": "accuracy_at_huge_eps",
-                "detail": f"accuracy {acc:.3f} at eps={huge.eps:g} is far above chance {chance:.3f}",
-            }
-        )
-    return flags
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(state)), all_ranks=True)
 
 
 def evaluate(
@@ -279,9 +186,8 @@ def evaluate(
 ) -> dict:
     """Accuracies as fractions in [0,1] under ``"clean"``, ``"pgd"``, ``"autoattack"`` (those requested).
 
-    Works on any ``nn.Module`` mapping ``[0,1]`` images to logits. ``pgd_step_size=None`` means ε/4.
-    Also returns ``"n"``, the settings, per-example ``"masks"`` (bool tensors) and ``"flags"``, a list
-    of ``{"flag", "detail"}`` sanity warnings (empty when nothing looks suspicious).
+    Works on any ``nn.Module`` mapping ``[0,1]`` images to logits. ``pgd_step_size=None`` means ε/4. Also returns
+    ``"n"``, the settings, per-example ``"masks"`` (bool tensors) and ``"flags"`` (sanity warnings, see checks.py).
     """
     bad = [a for a in attacks if a not in ATTACKS]
     if bad:
@@ -294,82 +200,126 @@ def evaluate(
         )
     if images.min() < 0 or images.max() > 1:
         raise UserError("eval: images must be in [0,1] (normalisation belongs inside the model)")
-    was_training = model.training
+    load, threat = tensor_batches(images, labels, batch_size), Threat(eps, norm, pgd_steps, pgd_step_size)
+    return evaluate_batches(
+        model,
+        load,
+        len(images),
+        threat,
+        attacks=attacks,
+        restarts=pgd_restarts,
+        loss=pgd_loss,
+        seed=seed,
+        aa_version=aa_version,
+        aa_attacks=aa_attacks,
+        aa_state=aa_state,
+        num_classes=num_classes,
+        checks=checks,
+    )
+
+
+def evaluate_batches(
+    model: nn.Module,
+    load: Batches,
+    n: int,
+    threat: Threat,
+    *,
+    attacks: Sequence[str],
+    restarts: int = 1,
+    loss: str = "ce",
+    seed: int = 0,
+    aa_version: str = "standard",
+    aa_attacks: Sequence[str] = (),
+    aa_state: Path | None = None,
+    n_autoattack: int = 0,
+    num_classes: int | None = None,
+    checks: bool = True,
+    stop: StopRequest | None = None,
+) -> dict:
+    """``evaluate`` over a batch loader of ``n`` examples, sharded over torchrun's ranks (masks gathered).
+    AutoAttack runs on the first ``n_autoattack`` examples (0 = all)."""
+    was = model.training
     model.eval()
-    threat = Threat(eps, norm, pgd_steps, pgd_step_size)
-    n = len(images)
-    res: dict = {"n": n, "eps": eps, "norm": norm, "seed": seed, "masks": {}}
+    lo, hi = D.shard_bounds(n)
+    res: dict = {"n": n, "eps": float(threat.eps), "norm": threat.norm, "seed": seed, "masks": {}, "flags": []}
     try:
-        with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
-            clean = clean_correct(model, images, labels, batch_size)
-            if "clean" in attacks:
-                res["masks"]["clean"] = clean
+            mine = clean_pgd_masks(
+                model,
+                load,
+                torch.arange(lo, hi),
+                threat if "pgd" in attacks else None,
+                restarts=restarts,
+                loss=loss,
+                stop=stop,
+            )
+            masks = {k: D.gather_cat(m.to(torch.uint8), n).bool() for k, m in mine.items()}
+            res["masks"] = {k: m for k, m in masks.items() if k in attacks}
+            with torch.no_grad():
+                k_classes = num_classes or int(model(next(load(torch.arange(1)))[1]).shape[1])
             if "pgd" in attacks:
-                raw = pgd_correct(
-                    model, images, labels, threat, restarts=pgd_restarts, loss=pgd_loss, batch_size=batch_size
-                )
-                res["masks"]["pgd"] = raw & clean  # an example counts as robust only if it is also correct
-                raw_pgd = raw.float().mean().item()
                 res["pgd_settings"] = {
-                    "steps": pgd_steps,
+                    "steps": threat.steps,
                     "step_size": threat.alpha,
-                    "restarts": pgd_restarts,
-                    "loss": pgd_loss,
+                    "restarts": restarts,
+                    "loss": loss,
+                    "iterate": threat.iterate,
                 }
             if "autoattack" in attacks:
-                import pyautoattack
-
-                mask, _ = autoattack_correct(
-                    model, images, labels, eps=eps, norm=norm, num_classes=num_classes, version=aa_version,
-                    attacks=aa_attacks, seed=seed, batch_size=batch_size, state_path=aa_state,
-                )  # fmt: skip
-                res["masks"]["autoattack"] = mask
-                res["autoattack_settings"] = {
-                    "version": aa_version,
-                    "standard": aa_version == "standard",
-                    "attacks": list(aa_attacks) if aa_version == "custom" else ["apgd-ce", "apgd-t", "fab-t", "square"],
-                    "library": f"pyautoattack {pyautoattack.__version__}",
-                }
+                n_aa = min(n_autoattack or n, n)
+                a_lo, a_hi = D.shard_bounds(n_aa)
+                state = (
+                    aa_state if aa_state is None or D.world() == 1 else aa_state.with_suffix(f".rank{D.rank()}.json")
+                )
+                mask, res["autoattack_settings"] = autoattack_mask(
+                    model,
+                    load,
+                    torch.arange(a_lo, a_hi),
+                    masks["clean"][a_lo:a_hi],
+                    eps=threat.eps,
+                    norm=threat.norm,
+                    num_classes=k_classes,
+                    version=aa_version,
+                    attacks=aa_attacks,
+                    seed=seed,
+                    state_path=state,
+                    stop=stop,
+                )
+                res["masks"]["autoattack"] = D.gather_cat(mask.to(torch.uint8), n_aa).bool()
+                res["n_autoattack"] = n_aa
             for key, mask in res["masks"].items():
                 res[key] = mask.float().mean().item()
-            flags = []
             if checks:
-                flags = model_flags(model, images, labels, was_training) + result_flags(res, n)
-                clean_acc = clean.float().mean().item()
-                if "pgd" in attacks and raw_pgd > clean_acc + _noise(clean_acc, n):
-                    detail = f"PGD leaves {raw_pgd:.4f} correct > clean {clean_acc:.4f}: a correct attack cannot help"
-                    flags.append({"flag": "robust_above_clean", "detail": detail})
-                if "pgd" in res:
-                    k = num_classes or int(model(images[:1]).shape[1])
-                    flags += attack_strength_flags(model, images, labels, threat, k, batch_size)
-        res["flags"] = flags
+                res["flags"] = _flags(model, load, res, threat, k_classes, was)
     finally:
-        model.train(was_training)
+        model.train(was)
     return res
 
 
-def sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list: Sequence[float], **kwargs) -> dict:
-    """Robust accuracy over an ε list (a curve for the report) with a monotonicity flag."""
+def _flags(model: nn.Module, load: Batches, res: dict, threat: Threat, k: int, was_training: bool) -> list[dict]:
+    _, x, y = next(load(torch.arange(min(res["n"], 100))))
+    flags = model_flags(model, x, y, was_training)
+    if "pgd" in res and not any(f["flag"].startswith("non_finite") for f in flags):
+        flags += attack_flags(model, x, y, threat, k)
+    if "autoattack" in res and "pgd" in res["masks"]:
+        n_aa = res["n_autoattack"]
+        flags += autoattack_flags(res["masks"]["pgd"][:n_aa].float().mean().item(), res["autoattack"], n_aa)
+    return flags
+
+
+def sweep(model: nn.Module, load: Batches, n: int, threat: Threat, eps_list: Sequence[float], **kwargs) -> dict:
+    """Robust accuracy over an ε list (a curve for the report) with a monotonicity flag; ``kwargs`` as for
+    ``evaluate_batches`` (AutoAttack included if asked)."""
     points = []
     for eps in eps_list:
-        if eps == 0:
-            acc = clean_correct(model, images, labels).float().mean().item()
-            points.append({"eps": 0.0, "pgd": acc, "clean": acc})
-            continue
-        r = evaluate(model, images, labels, eps=eps, checks=False, **kwargs)
-        points.append({"eps": eps, **{k: r[k] for k in ("clean", "pgd", "autoattack") if k in r}})
-    return {"points": points, "flags": sweep_flags(points, len(images))}
-
-
-def sweep_flags(points: list[dict], n: int) -> list[dict]:
-    """Flag any rise of robust accuracy with a larger ε beyond noise (AutoAttack if every point has it)."""
-    attacked = [p for p in points if p["eps"] > 0]
-    key = "autoattack" if attacked and all("autoattack" in p for p in attacked) else "pgd"
-    flags = []
-    for a, b in zip(points, points[1:]):
-        acc_a, acc_b = a.get(key, a["pgd"]), b.get(key, b["pgd"])
-        if b["eps"] > a["eps"] and acc_b > acc_a + _noise(acc_a, n):
-            detail = f"{key} {acc_b:.3f} at eps={b['eps']:g} > {acc_a:.3f} at eps={a['eps']:g}"
-            flags.append({"flag": "accuracy_not_decreasing_in_eps", "detail": detail})
-    return flags
+        r = evaluate_batches(
+            model,
+            load,
+            n,
+            replace(threat, eps=eps),
+            checks=False,
+            **{**kwargs, **({"attacks": ("clean",)} if eps == 0 else {})},
+        )
+        points.append({"eps": float(eps), "pgd": r["clean"], **{k: r[k] for k in ATTACKS if k in r}})
+    return {"points": points, "flags": sweep_flags(points, n)}

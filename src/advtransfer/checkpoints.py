@@ -1,0 +1,261 @@
+"""Every read and write of weights: our safetensors checkpoints (full or compact), foreign formats, the RoLI head,
+and the resume state (model, optimiser, scheduler, every RNG).
+
+Our checkpoints are safetensors with a JSON metadata entry ``advtransfer`` (the ``ModelSpec``). A *compact*
+checkpoint (linear probing and PEFT: the backbone never changes) holds only the trainable tensors and the buffers of
+modules that train, plus the source checkpoint's path and SHA-256: reloading rebuilds the source model, applies the
+method and loads them — exact, and refused when the source file changed. Foreign ``.pt/.pth`` files are read only
+through ``torch.load(weights_only=True)``; keys, shapes and dtypes are checked, never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .datasets import sha256
+from .errors import UserError
+from .methods import apply_method
+from .models import Classifier, ModelSpec, build
+from .rundir import atomic_write
+
+META_KEY = "advtransfer"
+
+
+def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors that safetensors accepts: one that shares memory with another (tied weights) or is a
+    view into a larger storage is cloned; the others are written without a copy."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu()
+        storage = v.untyped_storage()
+        whole = v.is_contiguous() and v.storage_offset() == 0 and storage.nbytes() == v.numel() * v.element_size()
+        if not whole or (storage.nbytes() and storage.data_ptr() in seen):
+            v = v.clone(memory_format=torch.contiguous_format)
+        elif storage.nbytes():
+            seen.add(storage.data_ptr())
+        out[k] = v
+    return out
+
+
+def compact_keys(model: torch.nn.Module) -> list[str]:
+    """What a compact checkpoint keeps: trainable parameters and the buffers of every module with a trainable
+    parameter of its own (e.g. the running statistics of a BatchNorm whose affine weights train)."""
+    keys = []
+    for name, m in model.named_modules():
+        own = dict(m.named_parameters(recurse=False))
+        if any(p.requires_grad for p in own.values()):
+            prefix = f"{name}." if name else ""
+            keys += [prefix + n for n, p in own.items() if p.requires_grad]
+            keys += [prefix + n for n, b in m.named_buffers(recurse=False) if b is not None]
+    return keys
+
+
+def save_checkpoint(model: Classifier, spec: ModelSpec, path: Path, only: list[str] | None = None) -> None:
+    """Weights + spec metadata as one safetensors file, written atomically; ``only``: a compact checkpoint."""
+    state = model.state_dict()
+    if only is not None:
+        state = {k: state[k] for k in only}
+    meta = {META_KEY: spec.model_dump_json(), "compact": json.dumps(only is not None)}
+    atomic_write(path, lambda tmp: save_file(plain_tensors(state), tmp, metadata=meta))
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint: {path} is not a readable safetensors file ({e})") from None
+
+
+def read_spec(path: Path) -> ModelSpec:
+    """The metadata of one of our checkpoints; a malformed field is a one-line ``UserError`` naming it."""
+    meta = _metadata(Path(path))
+    if META_KEY not in meta:
+        raise UserError(f"checkpoint: {path} has no advtransfer metadata (not written by advtransfer)")
+    return ModelSpec.parse(meta[META_KEY], f"checkpoint: {path} metadata")
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or, safely, ``.pt/.pth`` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint: file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"checkpoint: {path} is truncated or not safetensors ({e})") from None
+    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+        raise UserError(f"checkpoint: unsupported file type {path.suffix!r} (use .safetensors, .pt or .pth)")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        raise UserError(f"checkpoint: {path} refused: it needs unsafe unpickling ({first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint: {path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside common wrappers ({'state_dict': ...}, {'model': ...}, DDP 'module.')."""
+    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint: {path} holds no state dict of tensors")
+    for prefix in ("module.", "model.", "backbone."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    return obj
+
+
+def _names(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], path: Path, skip: set[str]) -> None:
+    """Raise ``UserError`` naming missing, unexpected, shape- and kind-mismatched keys (``skip`` is exempt).
+    An integer tensor where a float weight belongs (or the reverse) is refused, never silently cast."""
+    both = [k for k in target if k in source and k not in skip]
+    missing = [k for k in target if k not in source and k not in skip]
+    extra = [k for k in source if k not in target and k not in skip]
+    shapes = [
+        f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}" for k in both if source[k].shape != target[k].shape
+    ]
+    kinds = [
+        f"{k} is {source[k].dtype}, expected {target[k].dtype}"
+        for k in both
+        if source[k].is_floating_point() != target[k].is_floating_point()
+    ]
+    groups = (
+        ("missing keys", missing, 5),
+        ("unexpected keys", extra, 5),
+        ("shape mismatch", shapes, 3),
+        ("dtype mismatch", kinds, 3),
+    )
+    found = [f"{what}: {_names(keys, n)}" for what, keys, n in groups if keys]
+    if found:
+        raise UserError(f"checkpoint: {path} does not fit the model — " + "; ".join(found))
+
+
+def load_backbone_weights(model: Classifier, path: Path) -> None:
+    """Load source weights into ``model.backbone``, except the classifier head (it belongs to the target task)."""
+    source = read_state(path)
+    if any(k.startswith("backbone.") for k in source):  # one of ours: drop the preprocessing buffers
+        source = {k[len("backbone.") :]: v for k, v in source.items() if k.startswith("backbone.")}
+    target = model.backbone.state_dict()
+    head = {k for k in (*target, *source) if k.startswith(model.head_name + ".")}
+    check_keys(target, source, path, skip=head)
+    model.backbone.load_state_dict({k: v for k, v in source.items() if k not in head}, strict=False)
+
+
+def source_of(path: Path) -> dict:
+    """What a compact checkpoint records about its source file: the path and its SHA-256."""
+    return {"source": str(Path(path).resolve()), "source_sha256": sha256(Path(path))}
+
+
+def load_classifier(path: Path) -> tuple[Classifier, ModelSpec]:
+    """Rebuild a whole trained model (backbone, method, head) from one of our checkpoints, full or compact."""
+    path = Path(path)
+    spec, compact = read_spec(path), json.loads(_metadata(path).get("compact", "false"))
+    model = build(spec)
+    if compact:
+        src = Path(spec.trained.get("source", ""))
+        if not src.is_file():
+            raise UserError(f"checkpoint: {path} is compact and its source checkpoint {src} is missing")
+        if sha256(src) != spec.trained.get("source_sha256"):
+            raise UserError(f"checkpoint: {path} is compact and its source {src} changed since (SHA-256 differs)")
+        load_backbone_weights(model, src)
+    apply_method(model, spec.method["name"], spec.method.get("options", {}))
+    state, target = read_state(path), model.state_dict()
+    check_keys({k: target[k] for k in state} if compact else target, state, path, skip=set())
+    model.load_state_dict(state, strict=not compact)
+    return model.eval(), spec
+
+
+def load_head(model: Classifier, path: Path) -> None:
+    """RoLI: copy the classifier head of a stage-1 checkpoint into ``model`` (names and shapes checked)."""
+    prefix = f"backbone.{model.head_name}."
+    source = {k: v for k, v in read_state(path).items() if k.startswith(prefix)}
+    target = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    check_keys(target, source, path, skip=set())
+    model.load_state_dict(source, strict=False)
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    py, npy = random.getstate(), np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]], "numpy": [npy[0], npy[1].tolist(), *npy[2:]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")])
+    py, npy = meta["python"], meta["numpy"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+
+
+def save_state(path: Path, model, opt, sched, progress: dict, only: list[str] | None = None) -> None:
+    """Everything needed to continue bit-identically, as one safetensors file (atomic). ``only``: the model tensors
+    that change (a compact run's frozen backbone is rebuilt from its source on resume). Tied weights are stored as
+    separate copies; loading copies them back into the model's own parameters, so the tie survives a resume."""
+    state = model.state_dict()
+    tensors = {f"model/{k}": state[k] for k in (state if only is None else only)}
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        tensors.update({f"optim/{pid}/{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()})
+    rng_t, rng_m = rng_state()
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    meta = {
+        "progress": progress,
+        "param_groups": osd["param_groups"],
+        "scheduler": sched_state,
+        "rng": rng_m,
+        "compact": only is not None,
+    }
+    tensors = plain_tensors({**tensors, **rng_t})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
+
+
+def load_state(path: Path, model, opt, sched) -> dict:
+    """Restore what ``save_state`` wrote; a damaged or foreign state file is a ``UserError``."""
+    try:
+        meta = json.loads(_metadata(Path(path))["state"])
+        tensors = load_file(str(path))
+    except (UserError, SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"resume: {path} is damaged ({type(e).__name__}); start again with --overwrite") from None
+    try:
+        model_part = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        result = model.load_state_dict(model_part, strict=False)
+        if result.unexpected_keys or (result.missing_keys and not meta.get("compact")):
+            raise KeyError(f"model tensors differ: {_names(result.unexpected_keys or result.missing_keys)}")
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        sched.load_state_dict({**sched.state_dict(), **meta["scheduler"]})
+        set_rng_state(tensors, meta["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"resume: {path} does not fit this run ({why}); start again with --overwrite") from None
+    return meta["progress"]
