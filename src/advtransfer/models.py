@@ -12,11 +12,8 @@ refused. Missing, unexpected and shape-mismatched keys are reported by name, nev
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import UserError
+from .rundir import atomic_write  # noqa: F401  (re-exported until every caller imports it from rundir)
 
 META_KEY = "advtransfer"
 
@@ -163,38 +161,6 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-_UMASK = os.umask(0o022)  # read the process umask (there is no getter) ...
-os.umask(_UMASK)  # ... and put it back
-
-
-def atomic_write(path: Path, write: Any, all_ranks: bool = False) -> None:
-    """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it.
-
-    Any failure removes the temporary file, so ``path`` holds either its old content or the new one, never
-    a part. A full disk (``ENOSPC``, also when safetensors reports it) is raised as ``OSError(ENOSPC)``
-    naming ``path``. Under torch.distributed only rank 0 writes (unless ``all_ranks``).
-    """
-    from .distributed import is_main
-
-    if not (all_ranks or is_main()):
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise
 
 
 def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
