@@ -17,9 +17,7 @@ import yaml
 from .config import load_config
 from .models import atomic_write
 from .pipeline import RESULT, run
-from .report import results_table
-
-ORDER = ["linear", "full", "vpt", "lora", "adapter", "bias"]
+from .report import ORDER, results_table
 
 
 def demo_configs(out: Path, methods: list[str]) -> list[tuple[Path, object]]:
