@@ -166,7 +166,7 @@ def fig_curves(cells: dict, title: str) -> Figure | None:
             ax.plot(*zip(*xy), ls=ls, marker=MARKER.get(k[1], "^"), ms=3, color=_color(k[0]), label=cell_label(k))
             ys_all += [y for _, y in xy]
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         _limits(ax, "y", ys_all)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
