@@ -132,8 +132,7 @@ def fig_clean_robust(cells: dict, title: str) -> Figure | None:
                 ax.annotate("", xy=(100 * c2["clean"][0], 100 * c2[metric][0]), xytext=(x, y), arrowprops=arrow)
         _limits(ax, "x", _pm([c["clean"] for c in pts.values()]))
         _limits(ax, "y", _pm([c[metric] for c in pts.values()]))
-        ax.set_xlabel("clean accuracy (%)")
-        ax.set_ylabel(f"robust accuracy, {name} (%)")
+        ax.set(xlabel="clean accuracy (%)", ylabel=f"robust accuracy, {name} (%)")
         ax.set_title(f"{title}\n{name}: arrows RanLI → RoLI", fontsize=9)
         ax.grid(alpha=0.3)
         methods = list(dict.fromkeys(k[0] for k in pts))  # cells come in ORDER
@@ -168,8 +167,7 @@ def fig_curves(cells: dict, title: str) -> Figure | None:
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         _limits(ax, "y", ys_all)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
+        ax.set(xlabel="epoch", ylabel=name)
         ax.grid(alpha=0.3)
     axes[0].set_title(f"{title}: validation curves (RoLI: stage 2)", fontsize=9, loc="left")
     axes[1].legend(fontsize=6, ncol=2, loc="best")
@@ -178,7 +176,7 @@ def fig_curves(cells: dict, title: str) -> Figure | None:
 
 def fig_params(cells: dict, title: str) -> Figure | None:
     """Trainable-parameter cost (log x) vs robust (PGD) accuracy."""
-    pts = {k: c for k, c in cells.items() if k[2] != "natural" and c["pgd"] and c["trainable_params"]}
+    pts = {k: c for k, c in cells.items() if k[2] != "natural" and c["pgd"] and (c["trainable_params"] or [0])[0] > 0}
     if not pts:
         return None
     fig, axes = _figure(5.5, 4.2)
@@ -190,8 +188,7 @@ def fig_params(cells: dict, title: str) -> Figure | None:
     params = [c["trainable_params"][0] for c in pts.values()]
     ax.set_xlim(min(params) / 3, max(params) * 3)  # a factor of 3 either side: never a degenerate log axis
     _limits(ax, "y", _pm([c["pgd"] for c in pts.values()]))
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("robust accuracy, PGD (%)")
+    ax.set(xlabel="trainable parameters (log scale)", ylabel="robust accuracy, PGD (%)")
     ax.set_title(f"{title}: cost vs robustness", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     _legend(ax, list(dict.fromkeys(k[0] for k in pts)), sorted({k[1] for k in pts}))
@@ -235,8 +232,10 @@ def fig_transfer(points: list[tuple[str, float, float]], r: float | None) -> Fig
     ax.plot([lo, hi], [lo, hi], ls="--", color="0.6", lw=1, label="TR = TA")
     for axis in "xy":  # the same limits on both axes, so that the diagonal is at 45 degrees
         _limits(ax, axis, values, min_span=0.1, floor=None)
-    ax.set_xlabel("transferred accuracy TA = clean(Linear) / clean(Full-FT)")
-    ax.set_ylabel("transferred robustness TR = PGD(Linear) / PGD(Full-FT)")
+    ax.set(
+        xlabel="transferred accuracy TA = clean(Linear) / clean(Full-FT)",
+        ylabel="transferred robustness TR = PGD(Linear) / PGD(Full-FT)",
+    )
     rs = "n/a (needs ≥ 3 groups)" if r is None else f"{r:.3f}"
     ax.set_title(f"TR vs TA across {len(points)} group(s); Pearson r = {rs}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -261,8 +260,7 @@ def fig_sweeps(sweeps: list[tuple[str, dict]]) -> Figure | None:
             ax.plot(*zip(*aa), "--s", ms=4, color=f"C{i % 10}", label=f"{label} AutoAttack")
         ys += [y for _, y in pgd + aa]
     _limits(ax, "y", ys)
-    ax.set_xlabel("ε (pixel units, [0,1] images)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set(xlabel="ε (pixel units, [0,1] images)", ylabel="accuracy (%)")
     ax.set_title("ε sweeps (eval.json)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
