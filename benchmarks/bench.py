@@ -157,7 +157,7 @@ def case_pgd_eval(model_name: str, iters: int) -> dict:
     import torchattacks
 
     from advtransfer.attacks import Threat
-    from advtransfer.evaluate import pgd_correct
+    from advtransfer.evaluation import pgd_correct
 
     model, x, y = _build(model_name, "linear")
     model.eval()
@@ -180,7 +180,7 @@ def case_pgd_eval(model_name: str, iters: int) -> dict:
 
 
 def case_autoattack(n: int) -> dict:
-    from advtransfer.evaluate import autoattack_correct
+    from advtransfer.evaluation import autoattack_correct
 
     model, x, y = _build("minivit28", "linear")
     model.eval()

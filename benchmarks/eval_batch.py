@@ -19,7 +19,7 @@ def case_eval_batch(model_name: str, iters: int) -> dict[int, float]:
     from bench import EPS, _build, _interleaved
 
     from advtransfer.attacks import Threat
-    from advtransfer.evaluate import pgd_correct
+    from advtransfer.evaluation import pgd_correct
 
     model, _, _ = _build(model_name, "linear")
     model.eval()

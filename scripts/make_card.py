@@ -20,7 +20,7 @@ import yaml
 
 from advtransfer.config import DataConfig
 from advtransfer.data import load_splits
-from advtransfer.evaluate import evaluate
+from advtransfer.evaluation import evaluate
 from advtransfer.models import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]

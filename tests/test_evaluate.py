@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advtransfer import evaluate
+from advtransfer import evaluation
 from advtransfer.attacks import Threat, pgd
 from advtransfer.config import DataConfig
 from advtransfer.data import load_splits
-from advtransfer.evaluate import autoattack_correct, sweep, sweep_flags
+from advtransfer.evaluation import autoattack_correct, sweep, sweep_flags
 from advtransfer.models import ModelSpec, build
 
 
@@ -114,7 +114,7 @@ def test_probabilities_train_mode_and_randomness_flagged(natural_mlp, mnist):
 
 
 def test_robust_above_clean_and_eps_sweep_flags(natural_mlp, mnist):
-    from advtransfer.evaluate import result_flags
+    from advtransfer.evaluation import result_flags
 
     assert [f["flag"] for f in result_flags({"clean": 0.5, "pgd": 0.6}, 100)] == ["robust_above_clean"]
     assert "autoattack_above_pgd" in [

@@ -9,7 +9,7 @@ import pytest
 
 from advtransfer.config import DataConfig
 from advtransfer.data import load_splits
-from advtransfer.evaluate import evaluate
+from advtransfer.evaluation import evaluate
 from advtransfer.models import load_classifier
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -18,7 +18,7 @@ __all__ = ["evaluate"]
 def __getattr__(name: str):
     """``advtransfer.evaluate`` on first use: ``import advtransfer`` (and ``advtransfer report``) loads no torch."""
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .evaluation import evaluate
 
         return evaluate
     raise AttributeError(name)

@@ -14,7 +14,7 @@ from .checkpoints import load_checkpoint
 from .config import DataConfig, Eps
 from .data import load_splits
 from .errors import UserError
-from .evaluate import evaluate_batches, split_batches, sweep
+from .evaluation import evaluate_batches, split_batches, sweep
 from .pipeline import check_channels
 from .rundir import StopRequest, atomic_write, write_json
 

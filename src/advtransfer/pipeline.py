@@ -24,7 +24,7 @@ from .config import Init, RunConfig, probe_problems, to_dict
 from .configfile import load_config
 from .data import Splits, load_splits
 from .errors import UserError
-from .evaluate import evaluate_batches, split_batches
+from .evaluation import evaluate_batches, split_batches
 from .methods import apply_method, count
 from .models import PREPROCESS, Classifier, ModelSpec, build, compiled, is_convnet
 from .rundir import (
