@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,149 @@ def test_batches_lazy_split_matches_order(tmp_path: Path) -> None:
     assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.allclose(x[:, 0, 0, 0], torch.tensor([3, 1, 0, 2, 4]) * 40 / 255)
     assert y.tolist() == [0, 1, 0, 2, 1]
+
+
+# ----------------------------------------------------------------------------- composites, variants, resampling
+
+
+def test_parse_name() -> None:
+    assert data.parse_name("mnist") == [("mnist", None)]
+    assert data.parse_name("mnist[5-9]") == [("mnist", [5, 6, 7, 8, 9])]
+    assert data.parse_name(" mnist[0-1, 7] + fashion-mnist[9,3]") == [("mnist", [0, 1, 7]), ("fashion-mnist", [9, 3])]
+    for bad, pattern in [
+        ("mnist[5-", "bad dataset name"),
+        ("mnist+", "bad dataset name"),
+        ("mnist[a]", r"bad class list \[a\]"),
+        ("mnist[1,,2]", "bad class list"),
+        ("mnist[-1]", "bad class list"),
+        ("mnist[4-2]", "empty class range 4-2"),
+        ("mnist[1-3,2]", "selects a class twice"),
+    ]:
+        with pytest.raises(UserError, match=pattern):
+            data.parse_name(bad)
+
+
+def test_class_selection(mnist_full: Split) -> None:
+    s = load_splits(DataConfig(name="mnist[5-9]", n_val=500))
+    assert s.classes == ["5", "6", "7", "8", "9"] and s.num_classes == 5
+    full_counts = torch.bincount(mnist_full.labels, minlength=10)[5:]
+    assert torch.equal(torch.bincount(torch.cat([s.train.labels, s.val.labels]), minlength=5), full_counts)
+    assert len(s.val) == 500 and set(s.val.labels.tolist()) == set(range(5))
+    # every image keeps its own label, shifted by 5: the (image, label) pairs are those of the stored file
+    moved = Counter({(img, y + 5): c for (img, y), c in (_keys(s.train) + _keys(s.val)).items()})
+    assert moved == Counter({k: c for k, c in _keys(mnist_full).items() if k[1] >= 5})
+    test = load_splits(DataConfig(name="mnist[7,5]", n_val=10)).test  # listed order: 7 -> 0, 5 -> 1
+    _, full_test, _ = data.DATASETS["mnist"](DataConfig(name="mnist"))
+    assert torch.equal(test.pixels, full_test.pixels[(full_test.labels == 7) | (full_test.labels == 5)])
+    assert torch.equal(test.labels, (full_test.labels[(full_test.labels == 7) | (full_test.labels == 5)] == 5).long())
+    with pytest.raises(UserError, match="mnist has classes 0..9; there is no class 10"):
+        load_splits(DataConfig(name="mnist[8-10]"))
+    with pytest.raises(UserError, match="unknown dataset 'mnst'"):
+        load_splits(DataConfig(name="mnist[0-4]+mnst[0-4]"))
+
+
+def test_fashion_selection_keeps_names() -> None:
+    s = load_splits(DataConfig(name="fashion-mnist[0-4]", n_train=10, n_val=10, n_test=10))
+    assert s.classes == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"]
+
+
+def test_join_two_datasets() -> None:
+    cfg = DataConfig(name="mnist[0-4]+fashion-mnist[0-4]", n_val=1000)
+    s = load_splits(cfg)
+    assert s.classes[:2] == ["mnist:0", "mnist:1"] and s.classes[5:] == [
+        "fashion-mnist:T-shirt/top",
+        "fashion-mnist:Trouser",
+        "fashion-mnist:Pullover",
+        "fashion-mnist:Dress",
+        "fashion-mnist:Coat",
+    ]
+    (m_train, m_test, _), (f_train, f_test, _) = (
+        data.DATASETS[n](DataConfig(name=n)) for n in ("mnist", "fashion-mnist")
+    )
+    assert _keys(s.train) + _keys(s.val) == _selected(m_train, 0) + _selected(f_train, 5)  # nothing lost or added
+    assert _keys(s.test) == _selected(m_test, 0) + _selected(f_test, 5)
+    assert len(s.train) + len(s.val) == 30596 + 30000 and len(s.test) == 5139 + 5000
+    assert set(s.test.labels[:100].tolist()) == set(range(10))  # a prefix of the test split spans both parts
+    # disjoint: no image is in two of train / val / test (neither file has duplicates across these)
+    keys = [set(k for k, _ in _keys(x)) for x in (s.train, s.val, s.test)]
+    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]
+    again = load_splits(cfg)
+    for a, b in zip((s.train, s.val, s.test), (again.train, again.val, again.test)):
+        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.labels, b.labels)
+
+
+def _selected(split: Split, shift: int) -> Counter:
+    """Keys of the items of ``split`` in classes 0..4, their labels shifted by ``shift``."""
+    return Counter({(img, y + shift): c for (img, y), c in _keys(split).items() if y < 5})
+
+
+def test_join_needs_same_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    load_splits(DataConfig(name="mnist", n_train=10, n_val=10, n_test=10))  # registers every dataset
+    rgb = Split(labels=torch.arange(4) % 2, pixels=torch.zeros(4, 3, 28, 28, dtype=torch.uint8))
+    monkeypatch.setitem(data.DATASETS, "rgb", lambda cfg: (rgb, rgb, ["a", "b"]))
+    with pytest.raises(UserError, match="joined datasets must share image size and channels, got 1x28x28 and 3x28x28"):
+        load_splits(DataConfig(name="mnist[0-1]+rgb"))
+    assert load_splits(DataConfig(name="rgb+rgb", n_val=1)).classes == ["rgb:a", "rgb:b", "rgb:a", "rgb:b"]
+
+
+@pytest.mark.parametrize("variant", ["invert", "rot90", "patch-shuffle"])
+def test_variants(variant: str) -> None:
+    cfg = DataConfig(name="mnist", n_train=50, n_val=20, n_test=30)
+    plain = load_splits(cfg)
+    s = load_splits(replace(cfg, variant=variant))
+    assert s.classes == plain.classes
+    g = data.PATCH_GRID
+    for a, b in ((plain.train, s.train), (plain.val, s.val), (plain.test, s.test)):  # every split
+        assert torch.equal(a.labels, b.labels) and b.pixels.dtype == torch.uint8
+        if variant == "invert":
+            assert torch.equal(b.pixels, 255 - a.pixels)
+        elif variant == "rot90":  # counter-clockwise: the top row becomes the left column, read bottom-up
+            assert torch.equal(b.pixels[..., :, 0], a.pixels[..., 0, :].flip(-1))
+        else:
+            perm = _patch_perm(a.pixels, b.pixels, g)
+            assert sorted(perm) == list(range(g * g)) and perm != list(range(g * g))
+            assert perm == _patch_perm(plain.train.pixels, s.train.pixels, g)  # one permutation for all
+    x = plain.test.pixels[:4]
+    assert torch.allclose(data.apply_variant(x.float() / 255, variant), data.apply_variant(x, variant).float() / 255)
+
+
+def _patch_perm(before: torch.Tensor, after: torch.Tensor, g: int) -> list[int]:
+    """For each patch of ``after``, the index of the patch of ``before`` it shows (checked on every image)."""
+    p = before.shape[-1] // g
+
+    def patch(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x[..., (k // g) * p : (k // g + 1) * p, (k % g) * p : (k % g + 1) * p]
+
+    out = []
+    for k in range(g * g):
+        match = [j for j in range(g * g) if torch.equal(patch(after, k), patch(before, j))]
+        assert len(match) == 1
+        out.append(match[0])
+    return out
+
+
+def test_variant_on_image_files(tmp_path: Path) -> None:
+    from PIL import Image
+
+    arr = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    split = Split(labels=torch.tensor([0]), files=[str(tmp_path / "a.png")], image_size=8, channels=1)
+    assert torch.equal(replace(split, variant="rot90").load(0), split.load(0).rot90(1, (-2, -1)))
+    assert torch.allclose(replace(split, variant="invert").load(0), 1 - split.load(0))
+
+
+def test_unknown_variant() -> None:
+    with pytest.raises(UserError, match="unknown variant 'flip'"):
+        load_splits(DataConfig(name="mnist", variant="flip"))
+
+
+def test_resample_draws_train_with_the_run_seed() -> None:
+    cfg = DataConfig(name="mnist", n_train=200, n_val=100, n_test=10)
+    fixed = [load_splits(cfg, seed=s) for s in (0, 1)]
+    assert torch.equal(fixed[0].train.pixels, fixed[1].train.pixels)  # without resample the seed does not matter
+    a, b, a2 = (load_splits(replace(cfg, resample=True), seed=s) for s in (0, 1, 0))
+    assert torch.equal(a.train.pixels, a2.train.pixels) and torch.equal(a.train.labels, a2.train.labels)
+    assert not torch.equal(a.train.pixels, b.train.pixels) and len(b.train) == 200
+    for s in (a, b):  # the validation and test images stay fixed and never overlap train
+        assert torch.equal(s.val.pixels, fixed[0].val.pixels) and torch.equal(s.test.pixels, fixed[0].test.pixels)
+        assert not set(_keys(s.train)) & set(_keys(s.val))

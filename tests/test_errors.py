@@ -640,7 +640,7 @@ def test_bad_input_found_after_a_checkpoint_keeps_the_run_resumable(tmp_path, so
 
 def test_unexpected_exception_is_one_line_and_debug_shows_it(tmp_path, source, monkeypatch, capsys):
     ctx = Ctx(tmp_path, source, monkeypatch)
-    monkeypatch.setattr("advtransfer.pipeline.load_splits", lambda cfg: 1 / 0)
+    monkeypatch.setattr("advtransfer.pipeline.load_splits", lambda *a, **k: 1 / 0)
     error_line(capsys, main(ctx.run()), 1, "internal error", "ZeroDivisionError", "division by zero", "--debug")
     ctx.out = tmp_path / "run2"
     with pytest.raises(ZeroDivisionError):

@@ -57,7 +57,7 @@ def parse_eps(value: str | float | int) -> float:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "fashion-mnist"  # a key of advtransfer.data.DATASETS
+    name: str = "fashion-mnist"  # a key of advtransfer.data.DATASETS, or a join like mnist[0-4]+fashion-mnist[0-4]
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
     split_file: str = ""  # imagefolder: text file of "relative/path label split" lines
@@ -66,6 +66,8 @@ class DataConfig:
     n_val: int = 5000  # validation images carved from the training set (deterministic, never test)
     n_test: int = 0  # subsample the test split (0 = all)
     workers: int = 2  # DataLoader workers for image-file datasets (in-memory ones need none)
+    variant: str = "none"  # none | invert (1 - x) | rot90 | patch-shuffle (fixed 4x4 patch permutation): far domains
+    resample: bool = False  # draw the n_train subset with the run seed (the validation carve-out stays fixed)
 
 
 @dataclass(frozen=True)

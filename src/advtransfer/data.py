@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -67,6 +68,7 @@ class Split:
     files: list[str] | None = None  # image paths (lazy datasets)
     image_size: int = 224  # lazy datasets: square size images are resized to when read
     channels: int = 3
+    variant: str = "none"  # lazy datasets: applied to each image when read (in-memory pixels hold it already)
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
@@ -95,7 +97,7 @@ class Split:
         """Image ``i`` as float ``[C,H,W]`` in ``[0,1]``."""
         if self.pixels is not None:
             return self.pixels[i].float().div_(255)
-        return read_image(self.files[i], self.image_size, self.channels)
+        return apply_variant(read_image(self.files[i], self.image_size, self.channels), self.variant)
 
     def tensors(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All (or ``idx``) images and labels as tensors — for evaluation of small splits."""
@@ -103,6 +105,33 @@ class Split:
         if self.pixels is not None:
             return self.pixels[idx].float().div_(255), self.labels[idx]
         return torch.stack([self.load(i) for i in idx.tolist()]), self.labels[idx]
+
+
+VARIANTS = ("none", "invert", "rot90", "patch-shuffle")
+PATCH_GRID = 4  # patch-shuffle cuts each image into a 4x4 grid of patches (7x7 pixels on 28x28 images)
+
+
+def apply_variant(x: torch.Tensor, variant: str) -> torch.Tensor:
+    """Images ``[..., C, H, W]`` (uint8, or float in ``[0,1]``) under ``variant``.
+
+    ``invert``: 1 - x; ``rot90``: a quarter turn counter-clockwise; ``patch-shuffle``: the ``PATCH_GRID`` x
+    ``PATCH_GRID`` non-overlapping patches permuted by one fixed permutation (seed ``SPLIT_SEED``), the same for
+    every image and split.
+    """
+    if variant == "invert":
+        return 255 - x if x.dtype == torch.uint8 else 1 - x
+    if variant == "rot90":
+        return x.rot90(1, (-2, -1))
+    if variant != "patch-shuffle":
+        return x
+    *lead, c, h, w = x.shape
+    g = PATCH_GRID
+    if h % g or w % g:
+        raise UserError(f"data: variant patch-shuffle needs image sides divisible by {g}, got {h}x{w}")
+    perm = torch.randperm(g * g, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    patches = x.reshape(*lead, c, g, h // g, g, w // g).transpose(-3, -2).reshape(*lead, c, g * g, h // g, w // g)
+    out = patches[..., perm, :, :].reshape(*lead, c, g, g, h // g, w // g).transpose(-3, -2)
+    return out.reshape(*lead, c, h, w)
 
 
 def read_image(path: str, size: int, channels: int) -> torch.Tensor:
@@ -317,24 +346,114 @@ def check_labels(split: Split, num_classes: int, what: str) -> None:
         raise UserError(f"data: {what} has labels outside [0, {num_classes - 1}]")
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.name``, carve the validation split from train, and apply the subsample options."""
+def parse_name(name: str) -> list[tuple[str, list[int] | None]]:
+    """``"mnist[0-2,7]+fashion-mnist"`` -> ``[("mnist", [0, 1, 2, 7]), ("fashion-mnist", None)]``.
+
+    Grammar: part (``+`` part)*; part = a dataset name, optionally followed by ``[classes]``: comma-separated
+    class indices or ``a-b`` ranges (both ends included), in the order their new labels take.
+    """
+    parts: list[tuple[str, list[int] | None]] = []
+    for text in name.split("+"):
+        m = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[([^\]]*)\])?\s*", text)
+        if m is None:
+            raise UserError(f"data: bad dataset name {name!r}: expected parts like mnist or mnist[0-4,7] joined by '+'")
+        keep = None
+        if m[2] is not None:
+            keep = []
+            for item in m[2].split(","):
+                lo, _, hi = item.strip().partition("-")
+                try:
+                    first, last = int(lo), int(hi or lo)
+                except ValueError:
+                    raise UserError(
+                        f"data: bad class list [{m[2]}] in {name!r}: use indices and ranges like 0-4"
+                    ) from None
+                if first > last:
+                    raise UserError(f"data: empty class range {item.strip()} in {name!r}")
+                keep += range(first, last + 1)
+            if len(set(keep)) != len(keep):
+                raise UserError(f"data: {name!r} selects a class twice")
+        parts.append((m[1], keep))
+    return parts
+
+
+def _part(cfg: DataConfig, name: str, keep: list[int] | None, offset: int) -> tuple[Split, Split, list[str]]:
+    """Dataset ``name`` restricted to the classes ``keep`` (all if None), labelled from ``offset`` on."""
+    if name not in DATASETS:
+        raise UserError(f"data: unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    train, test, classes = DATASETS[name](cfg)
+    for what, s in (("train split", train), ("test split", test)):
+        check_labels(s, len(classes), f"{name} {what}")
+    keep = list(range(len(classes))) if keep is None else keep
+    bad = [c for c in keep if not 0 <= c < len(classes)]
+    if bad:
+        raise UserError(f"data: {name} has classes 0..{len(classes) - 1}; there is no class {bad[0]}")
+    lut = torch.full((len(classes),), -1, dtype=torch.int64)
+    lut[keep] = torch.arange(len(keep)) + offset
+
+    def relabel(split: Split) -> Split:
+        new = lut[split.labels]
+        idx = (new >= 0).nonzero().squeeze(1)
+        return replace(split.subset(idx), labels=new[idx])
+
+    return relabel(train), relabel(test), [classes[c] for c in keep]
+
+
+def _join(parts: list[Split], name: str) -> Split:
+    """One split holding ``parts`` in a fixed shuffled order (so that any prefix spans every part)."""
+    kinds = {(p.channels, *p.pixels.shape[2:]) if p.in_memory else (p.channels, "files") for p in parts}
+    if len(kinds) > 1:
+        shapes = " and ".join("x".join(map(str, k)) for k in sorted(kinds, key=str))
+        raise UserError(f"data: {name}: joined datasets must share image size and channels, got {shapes}")
+    labels = torch.cat([p.labels for p in parts])
+    if parts[0].in_memory:
+        joined = replace(parts[0], labels=labels, pixels=torch.cat([p.pixels for p in parts]))
+    else:
+        joined = replace(parts[0], labels=labels, files=[f for p in parts for f in p.files])
+    return joined.subset(torch.randperm(len(joined), generator=torch.Generator().manual_seed(SPLIT_SEED)))
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
+    """Load ``cfg.name`` (a dataset or a composite, see ``parse_name``), carve the validation split from train,
+    subsample, and apply ``cfg.variant`` to every split.
+
+    ``seed`` (the run seed) draws the ``n_train`` subset when ``cfg.resample``; otherwise, and always for the
+    validation carve-out and the test subset, the draw is fixed (``SPLIT_SEED``), so runs compare on the same images.
+    """
+    if cfg.variant not in VARIANTS:
+        raise UserError(f"data: unknown variant {cfg.variant!r}; known: {', '.join(VARIANTS)}")
     if not DATASETS.keys() - {"mnist", "fashion-mnist"}:
         _register_disk()
-    if cfg.name not in DATASETS:
-        raise UserError(f"data: unknown dataset {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
-    train, test, classes = DATASETS[cfg.name](cfg)
+    parts, classes, offset = [], [], 0
+    spec = parse_name(cfg.name)
+    for name, keep in spec:
+        train, test, names = _part(cfg, name, keep, offset)
+        offset += len(names)
+        parts.append((train, test))
+        classes += [f"{name}:{c}" for c in names] if len(spec) > 1 else names
+    train, test = (_join([p[i] for p in parts], cfg.name) if len(parts) > 1 else parts[0][i] for i in (0, 1))
     for what, s in (("train split", train), ("test split", test)):
         if len(s) == 0:
             raise UserError(f"data: {cfg.name} {what} is empty")
-        check_labels(s, len(classes), f"{cfg.name} {what}")
     g = torch.Generator().manual_seed(SPLIT_SEED)
     perm = torch.randperm(len(train), generator=g)
     n_val = min(cfg.n_val, len(train) - 1)
     val, rest = train.subset(perm[:n_val]), perm[n_val:]
     if cfg.n_train:
+        if cfg.resample:
+            rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))]
         rest = rest[: cfg.n_train]
     train = train.subset(rest)
     if cfg.n_test and cfg.n_test < len(test):
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(SPLIT_SEED))[: cfg.n_test])
-    return Splits(train=train, val=val, test=test, classes=classes)
+    splits = [train, val, test]
+    if cfg.variant != "none":  # in memory: applied once here; image files: when each image is read
+        splits = [
+            replace(
+                s,
+                pixels=apply_variant(s.pixels, cfg.variant).contiguous() if s.in_memory else None,
+                variant=cfg.variant,
+            )
+            for s in splits
+        ]
+    return Splits(*splits, classes=classes)

@@ -413,7 +413,7 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
         rd.log(f"resuming {out}")
         env = record_resume(out / "env.json", env, rd.log)
     write_json(out / "env.json", env)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, seed=cfg.seed)
     rd.log(
         f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
     )
