@@ -1,9 +1,7 @@
-"""The embedded datasets on the real files: shapes, ranges, counts, checksums, IDX parsing, splits, batching."""
+"""load_splits on the real embedded files: shapes, ranges, counts, splits, composites, variants, batching."""
 
 from __future__ import annotations
 
-import gzip
-import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +12,8 @@ import torch
 
 from advtransfer import data
 from advtransfer.config import DataConfig
-from advtransfer.data import Split, batches, load_splits, read_idx
+from advtransfer.data import Split, batches, load_splits
+from advtransfer.datasets import Splits
 from advtransfer.errors import UserError
 
 
@@ -32,8 +31,7 @@ def mnist() -> data.Splits:
 @pytest.fixture(scope="module")
 def mnist_full() -> Split:
     """The training file as stored, before any carve-out."""
-    train, _, _ = data.DATASETS["mnist"](DataConfig(name="mnist"))
-    return train
+    return data.DATASETS["mnist"](DataConfig(name="mnist")).train
 
 
 # ----------------------------------------------------------------------------- the real files
@@ -119,86 +117,6 @@ def test_subsampling(mnist: data.Splits, mnist_full: Split) -> None:
     assert (len(big.train), len(big.val), len(big.test)) == (60000, 0, 10000)
 
 
-# ----------------------------------------------------------------------------- checksums and IDX files
-
-
-def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = data.data_dir() / "mnist"
-    dest = tmp_path / "mnist"
-    dest.mkdir()
-    for f in data.CHECKSUMS["mnist"]:
-        (dest / f).symlink_to(src / f)
-    data.verify(dest / "t10k-labels-idx1-ubyte", data.CHECKSUMS["mnist"]["t10k-labels-idx1-ubyte"])  # control
-    bad = dest / "t10k-labels-idx1-ubyte"
-    bad.unlink()
-    shutil.copyfile(src / "t10k-labels-idx1-ubyte", bad)
-    raw = bytearray(bad.read_bytes())
-    raw[5000] ^= 0x01  # one flipped bit in one label
-    bad.write_bytes(bytes(raw))
-    monkeypatch.setenv("ADVTRANSFER_DATA", str(tmp_path))
-    assert data.data_dir() == tmp_path
-    with pytest.raises(UserError, match="checksum mismatch.*t10k-labels-idx1-ubyte"):
-        load_splits(DataConfig(name="mnist"))
-    assert data.sha256(src / "t10k-labels-idx1-ubyte") == data.CHECKSUMS["mnist"]["t10k-labels-idx1-ubyte"]
-
-
-def _idx(shape: tuple[int, ...], values: np.ndarray | None = None) -> bytes:
-    n = int(np.prod(shape))
-    body = (np.arange(n) % 256).astype(np.uint8) if values is None else values.astype(np.uint8).ravel()
-    header = bytes([0, 0, 0x08, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
-    return header + body.tobytes()
-
-
-def test_read_idx_valid_raw_and_gz(tmp_path: Path) -> None:
-    raw = _idx((3, 2, 4))
-    (tmp_path / "a-idx3-ubyte").write_bytes(raw)
-    (tmp_path / "a-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
-    for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
-        arr = read_idx(tmp_path / name)
-        assert arr.shape == (3, 2, 4) and arr.dtype == np.uint8
-        assert arr.ravel().tolist() == list(range(24))
-    labels = tmp_path / "l-idx1-ubyte"
-    labels.write_bytes(_idx((5,), np.array([3, 1, 4, 1, 5])))
-    assert read_idx(labels).tolist() == [3, 1, 4, 1, 5]
-
-
-@pytest.mark.parametrize(
-    "mangle, pattern",
-    [
-        (lambda b: b[:-1], "truncated or corrupt"),
-        (lambda b: b[:20], "truncated or corrupt"),
-        (lambda b: b + b"\x00", "truncated or corrupt"),  # trailing bytes are corruption too
-        (lambda b: b"\x00\x00\x0d" + b[3:], "bad magic"),  # float IDX, not unsigned byte
-        (lambda b: b"\x01" + b[1:], "bad magic"),
-        (lambda b: b[:5], "bad magic"),
-        (lambda b: b"", "bad magic"),
-    ],
-)
-def test_read_idx_rejects(tmp_path: Path, mangle, pattern: str) -> None:
-    path = tmp_path / "x-idx3-ubyte"
-    path.write_bytes(mangle(_idx((3, 2, 4))))
-    with pytest.raises(UserError, match=pattern):
-        read_idx(path)
-
-
-def test_read_idx_bad_gzip(tmp_path: Path) -> None:
-    path = tmp_path / "x-idx3-ubyte.gz"
-    path.write_bytes(b"not gzip at all")
-    with pytest.raises(UserError, match="cannot read IDX"):
-        read_idx(path)
-    path.write_bytes(gzip.compress(_idx((3, 2, 4)))[:-12])  # cut inside the stream
-    with pytest.raises(UserError, match="cannot read IDX"):
-        read_idx(path)
-
-
-def test_real_file_truncated(tmp_path: Path) -> None:
-    src = data.data_dir() / "mnist" / "t10k-labels-idx1-ubyte"
-    path = tmp_path / src.name
-    path.write_bytes(src.read_bytes()[:-100])
-    with pytest.raises(UserError, match="header says 10008 bytes, file has 9908"):
-        read_idx(path)
-
-
 # ----------------------------------------------------------------------------- batching
 
 
@@ -269,7 +187,7 @@ def test_class_selection(mnist_full: Split) -> None:
     moved = Counter({(img, y + 5): c for (img, y), c in (_keys(s.train) + _keys(s.val)).items()})
     assert moved == Counter({k: c for k, c in _keys(mnist_full).items() if k[1] >= 5})
     test = load_splits(DataConfig(name="mnist[7,5]", n_val=10)).test  # listed order: 7 -> 0, 5 -> 1
-    _, full_test, _ = data.DATASETS["mnist"](DataConfig(name="mnist"))
+    full_test = data.DATASETS["mnist"](DataConfig(name="mnist")).test
     assert torch.equal(test.pixels, full_test.pixels[(full_test.labels == 7) | (full_test.labels == 5)])
     assert torch.equal(test.labels, (full_test.labels[(full_test.labels == 7) | (full_test.labels == 5)] == 5).long())
     with pytest.raises(UserError, match="mnist has classes 0..9; there is no class 10"):
@@ -293,11 +211,9 @@ def test_join_two_datasets() -> None:
         "fashion-mnist:Dress",
         "fashion-mnist:Coat",
     ]
-    (m_train, m_test, _), (f_train, f_test, _) = (
-        data.DATASETS[n](DataConfig(name=n)) for n in ("mnist", "fashion-mnist")
-    )
-    assert _keys(s.train) + _keys(s.val) == _selected(m_train, 0) + _selected(f_train, 5)  # nothing lost or added
-    assert _keys(s.test) == _selected(m_test, 0) + _selected(f_test, 5)
+    m, f = (data.DATASETS[n](DataConfig(name=n)) for n in ("mnist", "fashion-mnist"))
+    assert _keys(s.train) + _keys(s.val) == _selected(m.train, 0) + _selected(f.train, 5)  # nothing lost or added
+    assert _keys(s.test) == _selected(m.test, 0) + _selected(f.test, 5)
     assert len(s.train) + len(s.val) == 30596 + 30000 and len(s.test) == 5139 + 5000
     assert set(s.test.labels[:100].tolist()) == set(range(10))  # a prefix of the test split spans both parts
     # disjoint: no image is in two of train / val / test (neither file has duplicates across these)
@@ -316,7 +232,7 @@ def _selected(split: Split, shift: int) -> Counter:
 def test_join_needs_same_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     load_splits(DataConfig(name="mnist", n_train=10, n_val=10, n_test=10))  # registers every dataset
     rgb = Split(labels=torch.arange(4) % 2, pixels=torch.zeros(4, 3, 28, 28, dtype=torch.uint8))
-    monkeypatch.setitem(data.DATASETS, "rgb", lambda cfg: (rgb, rgb, ["a", "b"]))
+    monkeypatch.setitem(data.DATASETS, "rgb", lambda cfg: Splits(rgb, None, rgb, ["a", "b"]))
     with pytest.raises(UserError, match="joined datasets must share image size and channels, got 1x28x28 and 3x28x28"):
         load_splits(DataConfig(name="mnist[0-1]+rgb"))
     assert load_splits(DataConfig(name="rgb+rgb", n_val=1)).classes == ["rgb:a", "rgb:b", "rgb:a", "rgb:b"]
@@ -361,11 +277,17 @@ def _patch_perm(before: torch.Tensor, after: torch.Tensor, g: int) -> list[int]:
 def test_variant_on_image_files(tmp_path: Path) -> None:
     from PIL import Image
 
-    arr = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
-    Image.fromarray(arr).save(tmp_path / "a.png")
-    split = Split(labels=torch.tensor([0]), files=[str(tmp_path / "a.png")], image_size=8, channels=1)
-    assert torch.equal(replace(split, variant="rot90").load(0), split.load(0).rot90(1, (-2, -1)))
-    assert torch.allclose(replace(split, variant="invert").load(0), 1 - split.load(0))
+    for part in ("train", "test"):
+        for i, c in enumerate(("a", "b", "a", "b")):
+            (tmp_path / part / c).mkdir(parents=True, exist_ok=True)
+            arr = (np.arange(64).reshape(8, 8) * 3 + 20 * i).astype(np.uint8)
+            Image.fromarray(arr).convert("RGB").save(tmp_path / part / c / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, n_val=1)
+    plain = load_splits(cfg)
+    for variant, fn in (("rot90", lambda x: x.rot90(1, (-2, -1))), ("invert", lambda x: 1 - x)):
+        s = load_splits(replace(cfg, variant=variant))
+        for a, b in ((plain.train, s.train), (plain.val, s.val), (plain.test, s.test)):
+            assert a.files == b.files and all(torch.allclose(b.load(i), fn(a.load(i))) for i in range(len(a)))
 
 
 def test_unknown_variant() -> None:

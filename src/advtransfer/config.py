@@ -57,7 +57,7 @@ def parse_eps(value: str | float | int) -> float:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "fashion-mnist"  # a key of advtransfer.data.DATASETS, or a join like mnist[0-4]+fashion-mnist[0-4]
+    name: str = "fashion-mnist"  # a key of advtransfer.datasets.DATASETS, or a join like mnist[0-4]+fashion-mnist[0-4]
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
     split_file: str = ""  # imagefolder: text file of "relative/path label split" lines
