@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import pickle
+import re
 import shutil
 import struct
 from functools import partial
@@ -451,7 +453,7 @@ def test_imagefolder_split_file_numeric_names_when_folders_do_not_name_classes(t
         ("fish/a.png 1", r"line 2: expected 3 fields"),
         ("fish/a.png one train", r"line 2: 'one' is not an integer"),
         ("fish/a.png -1 train", r"line 2: label -1 out of range"),
-        ("fish/a.png 1 val", r"line 2: unknown split 'val'"),
+        ("fish/a.png 1 dev", r"line 2: unknown split 'dev'"),
         ("fish/missing.png 1 test", r"missing .*fish/missing.png"),
         ("birds/a.png 0 test", r"line 2: birds/a.png already listed on line 1"),
         ("fish/a.png 2 test", r"labels must be 0..2 without gaps; 1 has no image"),
@@ -468,6 +470,92 @@ def test_imagefolder_missing_split_file(tmp_path: Path) -> None:
     _make_split_file(tmp_path, GOOD_LINES)
     with pytest.raises(UserError, match="missing .*nope.txt"):
         DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file="nope.txt"))
+
+
+def _split_dict() -> dict[str, dict[str, int]]:
+    return {"train": {"fish/b.png": 1, "birds/b c.png": 0}, "val": {"birds/a.png": 0}, "test": {"fish/a.png": 1}}
+
+
+@pytest.mark.parametrize("form", ["text", "json", "folder"])
+def test_split_file_forms_with_val(tmp_path: Path, form: str) -> None:
+    """The three forms give the same splits; a listed val split is used instead of carving one (n_val ignored)."""
+    _make_split_file(tmp_path, [])
+    if form == "text":
+        lines = [f"{rel} {y} {part}" for part, d in _split_dict().items() for rel, y in d.items()]
+        (tmp_path / "split.txt").write_text("\n".join(lines) + "\n")
+        path = tmp_path / "split.txt"
+    elif form == "json":
+        path = tmp_path / "split.json"
+        path.write_text(json.dumps(_split_dict()))
+    else:
+        path = tmp_path / "vpt"
+        path.mkdir()
+        for part, d in _split_dict().items():
+            (path / f"{part}.json").write_text(json.dumps(d))
+    raw = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(path), image_size=8))
+    assert raw.classes == ["birds", "fish"]
+    assert pairs(raw.train) == [(str(tmp_path / "birds/b c.png"), 0), (str(tmp_path / "fish/b.png"), 1)]
+    assert pairs(raw.val) == [(str(tmp_path / "birds/a.png"), 0)] and pairs(raw.test) == [
+        (str(tmp_path / "fish/a.png"), 1)
+    ]
+    s = load_splits(_cfg("imagefolder", tmp_path, split_file=str(path), image_size=8, n_val=5000))
+    assert (len(s.train), len(s.val), len(s.test)) == (2, 1, 1) and s.val.files == raw.val.files
+    assert s.notes == ["data: validation split from data.split_file (1 images); data.n_val ignored"]
+
+
+def test_split_file_without_val_is_carved(tmp_path: Path) -> None:
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({k: v for k, v in _split_dict().items() if k != "val"}))
+    _make_split_file(tmp_path, [])
+    s = load_splits(_cfg("imagefolder", tmp_path, split_file=str(path), n_val=1))
+    assert (len(s.train), len(s.val), len(s.test)) == (1, 1, 1) and s.notes == []
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"split.json": "{not json"}, r"cannot read .*split.json: JSONDecodeError"),
+        ({"split.json": '{"train": {}, "dev": {}}'}, r"split.json must map train, test \(and optionally val\)"),
+        ({"split.json": '{"train": [], "test": {}}'}, r"split.json train must be an object"),
+        ({"split.json": '{"train": {"fish/a.png": "1"}, "test": {}}'}, r"'fish/a.png': label '1' out of range"),
+        ({"split.json": '{"train": {"fish/a.png": true}, "test": {}}'}, r"label True out of range"),
+        (
+            {"split.json": '{"train": {"fish/a.png": 0}, "test": {"fish/a.png": 0}}'},
+            r"fish/a.png already listed in train",
+        ),
+        ({"split.json": '{"train": {"fish/no.png": 0}, "test": {}}'}, r"missing .*fish/no.png"),
+        ({"vpt/train.json": '{"fish/a.png": 0}', "vpt/val.json": "{}"}, r"missing .*vpt/test.json"),
+    ],
+)
+def test_split_file_json_errors(tmp_path: Path, files: dict[str, str], expected: str) -> None:
+    _make_split_file(tmp_path, [])
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    split = "vpt" if "vpt/train.json" in files else "split.json"  # relative: found under the root
+    with pytest.raises(UserError, match=expected) as e:
+        DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=split))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["caltech256", "cub200", "stanford-dogs"])
+def test_split_file_for_named_datasets(tmp_path: Path, name: str) -> None:
+    """Paths in a split file are relative to the dataset's image folder; classes are its folders, prefixes stripped."""
+    if name == "caltech256":
+        images = _make_caltech(tmp_path)
+    elif name == "cub200":
+        images = _make_cub(tmp_path) / "images"
+    else:
+        images = _make_dogs(tmp_path) / "Images"
+    folders = sorted(d.name for d in images.iterdir() if d.is_dir())[:2]
+    files = [sorted(p.relative_to(images).as_posix() for p in (images / d).glob("*.jpg"))[:2] for d in folders]
+    split = {"train": {files[0][0]: 0, files[1][0]: 1}, "val": {files[0][1]: 0}, "test": {files[1][1]: 1}}
+    (tmp_path / "vpt").mkdir()
+    for part, d in split.items():
+        (tmp_path / "vpt" / f"{part}.json").write_text(json.dumps(d))
+    raw = DATASETS[name](_cfg(name, tmp_path, split_file=str(tmp_path / "vpt")))
+    assert raw.classes == [re.sub(r"^(\d+\.|n\d+-)", "", f) for f in folders]
+    assert pairs(raw.val) == [(str(images / files[0][1]), 0)] and len(raw.train) == 2 and len(raw.test) == 1
 
 
 def test_load_splits_end_to_end(tmp_path: Path) -> None:

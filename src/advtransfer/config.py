@@ -60,7 +60,7 @@ class DataConfig:
     name: str = "fashion-mnist"  # a key of advtransfer.datasets.DATASETS, or a join like mnist[0-4]+fashion-mnist[0-4]
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
-    split_file: str = ""  # imagefolder: text file of "relative/path label split" lines
+    split_file: str = ""  # image-file datasets: "path label split" lines, a JSON file or a folder of {train,val,test}.json
     image_size: int = 0  # image-file datasets are resized to this square size when read (0 = 224)
     n_train: int = 0  # subsample the training split to this many images (0 = all)
     n_val: int = 5000  # validation images carved from the training set (deterministic, never test)

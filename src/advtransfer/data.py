@@ -40,7 +40,7 @@ def apply_variant(x: torch.Tensor, variant: str) -> torch.Tensor:
     g = PATCH_GRID
     if h % g or w % g:
         raise UserError(f"data: variant patch-shuffle needs image sides divisible by {g}, got {h}x{w}")
-    perm = torch.randperm(g * g, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    perm = _perm(g * g, SPLIT_SEED)
     patches = x.reshape(*lead, c, g, h // g, g, w // g).transpose(-3, -2).reshape(*lead, c, g * g, h // g, w // g)
     out = patches[..., perm, :, :].reshape(*lead, c, g, g, h // g, w // g).transpose(-3, -2)
     return out.reshape(*lead, c, h, w)
@@ -118,31 +118,36 @@ def parse_name(name: str) -> list[tuple[str, list[int] | None]]:
     return parts
 
 
-def _part(cfg: DataConfig, name: str, keep: list[int] | None, offset: int) -> tuple[Split, Split, list[str]]:
+def _part(cfg: DataConfig, name: str, keep: list[int] | None, offset: int) -> Splits:
     """Dataset ``name`` restricted to the classes ``keep`` (all if None), labelled from ``offset`` on."""
     if name not in DATASETS:
         raise UserError(f"data: unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     raw = DATASETS[name](cfg)
-    train, test, classes = raw.train, raw.test, raw.classes
-    for what, s in (("train split", train), ("test split", test)):
-        check_labels(s, len(classes), f"{name} {what}")
-    keep = list(range(len(classes))) if keep is None else keep
-    bad = [c for c in keep if not 0 <= c < len(classes)]
+    k = raw.num_classes
+    for what, s in (("train", raw.train), ("val", raw.val), ("test", raw.test)):
+        if s is not None:
+            check_labels(s, k, f"{name} {what} split")
+    keep = list(range(k)) if keep is None else keep
+    bad = [c for c in keep if not 0 <= c < k]
     if bad:
-        raise UserError(f"data: {name} has classes 0..{len(classes) - 1}; there is no class {bad[0]}")
-    lut = torch.full((len(classes),), -1, dtype=torch.int64)
+        raise UserError(f"data: {name} has classes 0..{k - 1}; there is no class {bad[0]}")
+    lut = torch.full((k,), -1, dtype=torch.int64)
     lut[keep] = torch.arange(len(keep)) + offset
 
-    def relabel(split: Split) -> Split:
+    def relabel(split: Split | None) -> Split | None:
+        if split is None:
+            return None
         new = lut[split.labels]
         idx = (new >= 0).nonzero().squeeze(1)
         return replace(split.subset(idx), labels=new[idx])
 
-    return relabel(train), relabel(test), [classes[c] for c in keep]
+    return Splits(relabel(raw.train), relabel(raw.val), relabel(raw.test), [raw.classes[c] for c in keep])
 
 
-def _join(parts: list[Split], name: str) -> Split:
+def _join(parts: list[Split | None], name: str) -> Split | None:
     """One split holding ``parts`` in a fixed shuffled order (so that any prefix spans every part)."""
+    if parts[0] is None:
+        return None
     kinds = {(p.channels, *p.pixels.shape[2:]) if p.in_memory else (p.channels, "files") for p in parts}
     if len(kinds) > 1:
         shapes = " and ".join("x".join(map(str, k)) for k in sorted(kinds, key=str))
@@ -152,7 +157,11 @@ def _join(parts: list[Split], name: str) -> Split:
         joined = replace(parts[0], labels=labels, pixels=torch.cat([p.pixels for p in parts]))
     else:
         joined = replace(parts[0], labels=labels, files=[f for p in parts for f in p.files])
-    return joined.subset(torch.randperm(len(joined), generator=torch.Generator().manual_seed(SPLIT_SEED)))
+    return joined.subset(_perm(len(joined), SPLIT_SEED))
+
+
+def _perm(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
@@ -167,25 +176,29 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     parts, classes, offset = [], [], 0
     spec = parse_name(cfg.name)
     for name, keep in spec:
-        train, test, names = _part(cfg, name, keep, offset)
-        offset += len(names)
-        parts.append((train, test))
-        classes += [f"{name}:{c}" for c in names] if len(spec) > 1 else names
-    train, test = (_join([p[i] for p in parts], cfg.name) if len(parts) > 1 else parts[0][i] for i in (0, 1))
+        parts.append(_part(cfg, name, keep, offset))
+        offset += parts[-1].num_classes
+        classes += [f"{name}:{c}" for c in parts[-1].classes] if len(spec) > 1 else parts[-1].classes
+    if len({p.val is None for p in parts}) > 1:
+        raise UserError(f"data: {cfg.name}: either every joined dataset has a validation split file or none")
+    train, val, test = (
+        _join([getattr(p, s) for p in parts], cfg.name) if len(parts) > 1 else getattr(parts[0], s)
+        for s in ("train", "val", "test")
+    )
     for what, s in (("train split", train), ("test split", test)):
         if len(s) == 0:
             raise UserError(f"data: {cfg.name} {what} is empty")
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    perm = torch.randperm(len(train), generator=g)
-    n_val = min(cfg.n_val, len(train) - 1)
-    val, rest = train.subset(perm[:n_val]), perm[n_val:]
+    rest, notes = _perm(len(train), SPLIT_SEED), []
+    if val is None:  # carved from train by a fixed permutation
+        n_val = min(cfg.n_val, len(train) - 1)
+        val, rest = train.subset(rest[:n_val]), rest[n_val:]
+    else:
+        notes.append(f"data: validation split from data.split_file ({len(val)} images); data.n_val ignored")
     if cfg.n_train:
-        if cfg.resample:
-            rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))]
-        rest = rest[: cfg.n_train]
+        rest = rest[_perm(len(rest), seed)][: cfg.n_train] if cfg.resample else rest[: cfg.n_train]
     train = train.subset(rest)
     if cfg.n_test and cfg.n_test < len(test):
-        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(SPLIT_SEED))[: cfg.n_test])
+        test = test.subset(_perm(len(test), SPLIT_SEED)[: cfg.n_test])
     splits = [train, val, test]
     if cfg.variant != "none":  # in memory: applied once here; image files: when each image is read
         splits = [
@@ -194,4 +207,4 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
             else replace(s, view=partial(apply_variant, variant=cfg.variant))
             for s in splits
         ]
-    return Splits(*splits, classes=classes)
+    return Splits(*splits, classes=classes, notes=notes)

@@ -2,16 +2,16 @@
 Stanford Dogs).
 
 Each loader maps a ``DataConfig`` to a ``Layout``: ``({split name: [(image path, label), ...]}, class names)`` with
-splits ``train`` and ``test``, labels in ``[0, K)``, a deterministic (sorted) order, and a one-line ``UserError`` for
-any missing or malformed input. ``datasets.py`` turns layouts into lazily read splits.
+splits ``train``, ``test`` and (from split files) ``val``, labels in ``[0, K)``, a deterministic (sorted) order, and
+a one-line ``UserError`` for any missing or malformed input. ``datasets.py`` turns layouts into lazily read splits.
 
-Train/test conventions:
+Train/test conventions (``data.split_file`` replaces them for every dataset here, see ``split_file``):
   * CUB-200-2011, Stanford Dogs: the official splits.
-  * ImageFolder: a split file of ``relative/path label split`` lines, else ``root/train`` and ``root/test``.
+  * ImageFolder: ``root/train`` and ``root/test`` class folders.
   * Caltech-256 has none: 60 training images per class, the rest test, ``257.clutter`` excluded (256
     classes). This is the usual protocol (Griffin et al. 2007's largest setting) and the shape of the split
     released with "Initialization Matters for Adversarial Transfer Learning" (57 train + 3 val per class);
-    their exact file lists can be used through ``imagefolder`` with a split file. Our 60 are the first by a
+    their exact file lists can be used with a split file. Our 60 are the first by a
     seeded SHA-256 of each file's class and name, so the split depends on neither the machine, numpy's RNG,
     nor the other files present.
 """
@@ -19,6 +19,7 @@ Train/test conventions:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -110,15 +111,11 @@ def _int(text: str, path: Path, no: int, name: str) -> int:
 def imagefolder(cfg: DataConfig) -> Layout:
     """Images under ``cfg.root``, split by ``cfg.split_file`` or by ``root/{train,test}/<class>/`` folders.
 
-    A relative split file is looked up from the working directory, then under the root. Without one, the
-    classes are the train class folders sorted by name.
+    Without a split file, the classes are the train class folders sorted by name.
     """
     root = root_dir(cfg, "imagefolder")
     if cfg.split_file:
-        split_file = Path(cfg.split_file).expanduser()
-        if not split_file.is_file() and not split_file.is_absolute():
-            split_file = root / split_file
-        return _from_split_file(root, split_file)
+        return split_file(cfg, root, "imagefolder")
     classes = [d.name for d in _class_dirs(root / "train", "imagefolder")]
     layout: dict[str, Pairs] = {}
     for part in ("train", "test"):
@@ -130,34 +127,73 @@ def imagefolder(cfg: DataConfig) -> Layout:
     return layout, classes
 
 
-def _from_split_file(root: Path, split_file: Path) -> Layout:
-    name, seen = "imagefolder", {}
-    entries: dict[str, Pairs] = {"train": [], "test": []}
-    for no, (rel, label_text, part) in _table(split_file, 3, name, path_first=True):
-        label = _int(label_text, split_file, no, name)
-        if label < 0:
-            raise UserError(f"data: {name}: {split_file} line {no}: label {label} out of range (must be >= 0)")
-        if part not in entries:
-            raise UserError(f"data: {name}: {split_file} line {no}: unknown split {part!r} (use train or test)")
+# ----------------------------------------------------------------------------- split files
+
+
+def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
+    """The split that ``cfg.split_file`` gives the images under ``images`` (paths in it are relative to that folder).
+
+    Three forms: a text file of ``relative/path label split`` lines (split: train, val or test); a JSON file
+    ``{"train": {path: label, ...}, "val": {...}, "test": {...}}``; a folder of VPT/FGVC-style ``train.json``,
+    ``val.json``, ``test.json`` (each ``{path: label}``). ``val`` is optional; labels must be 0..K-1 without gaps.
+    A relative split file is looked up from the working directory, then under ``data.root``. Classes are named after
+    their images' parent folder (``001.`` / ``n0208-`` prefixes stripped) where each has its own, else by number.
+    """
+    path = Path(cfg.split_file).expanduser()
+    if not path.exists() and not path.is_absolute():
+        path = root_dir(cfg, name) / path
+    rows: list[tuple[str, str, str, str, object]] = []  # (where, "on line 3" / "in train", split, path, label)
+    if path.is_dir():
+        for part in ("train", "val", "test"):
+            if part != "val" or (path / "val.json").exists():
+                rows += _json_rows(_read_json(path / f"{part}.json", name), f"{path / part}.json", part, name)
+    elif path.suffix == ".json":
+        tree = _read_json(path, name)
+        if not isinstance(tree, dict) or not {"train", "test"} <= tree.keys() <= {"train", "val", "test"}:
+            raise UserError(f"data: {name}: {path} must map train, test (and optionally val) to {{path: label}}")
+        for part, entries in tree.items():
+            rows += _json_rows(entries, f"{path} {part}", part, name)
+    else:
+        for no, (rel, label, part) in _table(path, 3, name, path_first=True):
+            rows.append((f"{path} line {no}", f"on line {no}", part, rel, _int(label, path, no, name)))
+    layout: dict[str, Pairs] = {"train": [], "test": []}
+    seen: dict[str, str] = {}
+    for where, tag, part, rel, label in rows:
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise UserError(f"data: {name}: {where}: label {label!r} out of range (must be an integer >= 0)")
+        if part not in ("train", "val", "test"):
+            raise UserError(f"data: {name}: {where}: unknown split {part!r} (use train, val or test)")
         if rel in seen:
-            raise UserError(f"data: {name}: {split_file} line {no}: {rel} already listed on line {seen[rel]}")
-        seen[rel] = no
-        entries[part].append((need(root / rel, name), label))
-    all_labels = {y for rows in entries.values() for _, y in rows}
-    if not all_labels:
-        raise UserError(f"data: {name}: {split_file} lists no images")
-    k = max(all_labels) + 1
-    gaps = sorted(set(range(k)) - all_labels)
+            raise UserError(f"data: {name}: {where}: {rel} already listed {seen[rel]}")
+        seen[rel] = tag
+        layout.setdefault(part, []).append((need(images / rel, name), label))
+    labels = {y for pairs in layout.values() for _, y in pairs}
+    if not labels:
+        raise UserError(f"data: {name}: {path} lists no images")
+    k = max(labels) + 1
+    gaps = sorted(set(range(k)) - labels)
     if gaps:
-        raise UserError(f"data: {name}: {split_file}: labels must be 0..{k - 1} without gaps; {gaps[0]} has no image")
-    # class names: the images' parent folder where each label has exactly one (and they differ), else "0".."K-1"
+        raise UserError(f"data: {name}: {path}: labels must be 0..{k - 1} without gaps; {gaps[0]} has no image")
     parents: dict[int, set[str]] = {}
-    for f, y in entries["train"] + entries["test"]:
-        parents.setdefault(y, set()).add(f.parent.name)
+    for f, y in (pair for pairs in layout.values() for pair in pairs):
+        parents.setdefault(y, set()).add(_strip_prefix(f.parent.name))
     classes = [min(parents[y]) for y in range(k)]
     if any(len(parents[y]) > 1 for y in range(k)) or len(set(classes)) != k:
         classes = [str(y) for y in range(k)]
-    return {part: sorted(rows) for part, rows in entries.items()}, classes
+    return {part: sorted(pairs) for part, pairs in layout.items()}, classes
+
+
+def _read_json(path: Path, name: str) -> object:
+    try:
+        return json.loads(need(path, name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"data: {name}: cannot read {path}: {why(e)}") from None
+
+
+def _json_rows(entries: object, where: str, part: str, name: str) -> list[tuple[str, str, str, str, object]]:
+    if not isinstance(entries, dict):
+        raise UserError(f"data: {name}: {where} must be an object {{relative path: label}}")
+    return [(f"{where} {rel!r}", f"in {part}", part, rel, label) for rel, label in entries.items()]
 
 
 # ----------------------------------------------------------------------------- Caltech-256
@@ -170,6 +206,8 @@ def caltech256(cfg: DataConfig, per_class: int = CALTECH_TRAIN_PER_CLASS) -> Lay
     """
     root = root_dir(cfg, "caltech256")
     folder = root if root.name == "256_ObjectCategories" else root / "256_ObjectCategories"
+    if cfg.split_file:
+        return split_file(cfg, folder, "caltech256")
     dirs = [d for d in _class_dirs(folder, "caltech256") if _strip_prefix(d.name) != "clutter"]
     layout: dict[str, Pairs] = {"train": [], "test": []}
     for c, d in enumerate(dirs):
@@ -204,6 +242,8 @@ def cub200(cfg: DataConfig) -> Layout:
     name = "cub200"
     root = root_dir(cfg, name)
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
+    if cfg.split_file:
+        return split_file(cfg, base / "images", name)
     class_table = _id_table(base / "classes.txt", name)
     if sorted(class_table) != list(range(1, len(class_table) + 1)):
         raise UserError(f"data: {name}: {base / 'classes.txt'} must number its classes 1..{len(class_table)}")
@@ -251,6 +291,8 @@ def stanford_dogs(cfg: DataConfig) -> Layout:
     name = "stanford-dogs"
     root = root_dir(cfg, name)
     images = need(root / "Images", name)
+    if cfg.split_file:
+        return split_file(cfg, images, name)
     lists = root if (root / "train_list.mat").is_file() or not (root / "lists").is_dir() else root / "lists"
     parts = {p: _read_mat_list(lists / f"{p}_list.mat", name) for p in ("train", "test")}
     folder_of: dict[int, str] = {}

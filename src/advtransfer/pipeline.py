@@ -417,6 +417,8 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     rd.log(
         f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
     )
+    for note in splits.notes:
+        rd.log(note)
     if len(splits.val) == 0:
         raise UserError("data: the validation split is empty (data.n_val must be >= 1; model selection needs it)")
     spec = source_spec(cfg, splits)
