@@ -12,7 +12,7 @@ import torch
 
 from advtransfer import data
 from advtransfer.config import DataConfig
-from advtransfer.data import Split, batches, load_splits
+from advtransfer.data import Split, batches, load_splits, tensors
 from advtransfer.datasets import Splits
 from advtransfer.errors import UserError
 
@@ -46,7 +46,7 @@ def test_shapes_dtypes_counts(name: str) -> None:
         assert split.in_memory and split.pixels.dtype == torch.uint8
         assert split.pixels.shape[1:] == (1, 28, 28) and split.channels == 1
         assert split.labels.dtype == torch.int64
-    x, y = s.test.tensors()
+    x, y = tensors(s.test)
     assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # full range used, scaled by 255 not 256
     assert torch.equal(x * 255, s.test.pixels.float())
@@ -127,10 +127,10 @@ def test_batches_order_and_start(mnist: data.Splits) -> None:
     assert [len(y) for _, y in got] == [4, 3]
     x = torch.cat([b[0] for b in got])
     y = torch.cat([b[1] for b in got])
-    want_x, want_y = split.tensors(order[3:])
+    want_x, want_y = tensors(split, order[3:])
     assert torch.equal(x, want_x) and torch.equal(y, want_y)
     assert torch.equal(y, split.labels[order[3:]])
-    assert torch.equal(x[0], split.load(0))  # order[3] == 0
+    assert torch.equal(x[0], split.load(0).float() / 255)  # order[3] == 0
     plain = list(batches(split, 3))
     assert [len(y) for _, y in plain] == [3, 3, 3, 1]
     assert torch.equal(torch.cat([b[1] for b in plain]), split.labels)
@@ -287,7 +287,7 @@ def test_variant_on_image_files(tmp_path: Path) -> None:
     for variant, fn in (("rot90", lambda x: x.rot90(1, (-2, -1))), ("invert", lambda x: 1 - x)):
         s = load_splits(replace(cfg, variant=variant))
         for a, b in ((plain.train, s.train), (plain.val, s.val), (plain.test, s.test)):
-            assert a.files == b.files and all(torch.allclose(b.load(i), fn(a.load(i))) for i in range(len(a)))
+            assert a.files == b.files and torch.allclose(tensors(b)[0], fn(tensors(a)[0]))
 
 
 def test_unknown_variant() -> None:
@@ -305,3 +305,60 @@ def test_resample_draws_train_with_the_run_seed() -> None:
     for s in (a, b):  # the validation and test images stay fixed and never overlap train
         assert torch.equal(s.val.pixels, fixed[0].val.pixels) and torch.equal(s.test.pixels, fixed[0].test.pixels)
         assert not set(_keys(s.train)) & set(_keys(s.val))
+
+
+# ----------------------------------------------------------------------------- image-file transforms
+
+
+def _stripes(root: Path, n: int = 6) -> None:
+    """``n`` 60x20 images per split: thirds red | green | blue, a marker pixel in the top-left corner."""
+    from PIL import Image
+
+    for part in ("train", "test"):
+        for i in range(n):
+            arr = np.zeros((20, 60, 3), np.uint8)
+            arr[:, :20, 0], arr[:, 20:40, 1], arr[:, 40:, 2] = 250, 250, 250
+            arr[:2, :2] = 10 * i
+            (root / part / "c").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / part / "c" / f"{i}.png")
+
+
+def test_eval_transform_resizes_the_shorter_side_then_center_crops(tmp_path: Path) -> None:
+    _stripes(tmp_path)
+    s = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, n_val=1, augment=True))
+    for split in (s.train, s.val, s.test):  # train too when read for evaluation (train=False)
+        x, _ = tensors(split)
+        assert x.shape == (len(split), 3, 16, 16)
+        # 60x20 -> 54x18 -> the central 16x16 lies in the green third; a squash to 16x16 would show all three
+        assert torch.all(x[:, 1] > 0.9) and torch.all(x[:, 0] < 0.1) and torch.all(x[:, 2] < 0.1)
+    default = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), n_val=1))
+    assert tensors(default.test)[0].shape == (6, 3, 224, 224)  # 0 = 224, after Resize(256)
+
+
+def _epoch(split: Split, **kw) -> torch.Tensor:
+    return torch.cat([x for x, _ in batches(split, 4, train=True, **kw)])
+
+
+def test_random_transforms_are_seeded_per_example(tmp_path: Path) -> None:
+    _stripes(tmp_path, n=12)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, n_val=1, augment=True)
+    train = load_splits(cfg).train
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    a = _epoch(train, seed=3, epoch=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is untouched
+    assert a.shape == (11, 3, 16, 16) and len({x.sum().item() for x in a}) > 1  # crops and flips vary
+    # the same (seed, epoch, index) gives the same image in another order, from other worker processes
+    order = torch.arange(11).flip(0)
+    b = torch.cat([x for x, _ in batches(train, 3, order=order, workers=2, seed=3, epoch=1, train=True)])
+    assert torch.equal(b, a[order])
+    resumed = torch.cat([x for x, _ in batches(train, 4, start=5, seed=3, epoch=1, train=True)])
+    assert torch.equal(resumed, a[5:])
+    assert not torch.equal(_epoch(train, seed=3, epoch=2), a) and not torch.equal(_epoch(train, seed=4, epoch=1), a)
+    crops = torch.cat([_epoch(train, seed=0, epoch=e) for e in range(4)])
+    red = crops[:, 0] > 0.9
+    assert red.any() and (crops[:, 2] > 0.9).any()  # random crops reach the red and the blue third
+    assert (red[:, :, 0].all(1) & ~red[:, :, -1].any(1)).any()  # red on the left: not flipped
+    assert (red[:, :, -1].all(1) & ~red[:, :, 0].any(1)).any()  # red on the right: flipped
+    plain = load_splits(replace(cfg, augment=False)).train
+    assert torch.equal(_epoch(plain, seed=3, epoch=1), tensors(plain)[0])  # no augment: the center crop

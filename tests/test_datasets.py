@@ -20,7 +20,7 @@ from PIL import Image
 
 from advtransfer import datasets, embedded, imagefiles
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
+from advtransfer.data import load_splits, tensors
 from advtransfer.datasets import DATASETS, Splits, read_idx
 from advtransfer.errors import UserError
 
@@ -143,6 +143,11 @@ def _cfg(name: str, root: Path | str, **kw: object) -> DataConfig:
     return DataConfig(name=name, root=str(root), **kw)
 
 
+def image(split, i: int) -> torch.Tensor:
+    """Image ``i`` as evaluation reads it: float ``[0,1]``, after the transforms (image files)."""
+    return tensors(split, torch.tensor([i]))[0][0]
+
+
 def tri(s: Splits) -> tuple:
     """A loader's ``(train, test, classes)``."""
     assert s.val is None  # no loader here has an official validation split
@@ -258,11 +263,11 @@ def test_cifar10_reads_python_batches(tmp_path: Path) -> None:
     assert train.pixels.dtype == torch.uint8 and train.pixels.shape == (10, 3, 32, 32)
     assert train.labels.dtype == torch.int64
     assert train.labels.tolist() == [(b + i) % 10 for b in range(1, 6) for i in range(2)]
-    img = train.load(1)  # batch 1, image 1: R = 11
+    img = image(train, 1)  # batch 1, image 1: R = 11
     assert img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
     assert img[0, 0, 0] == pytest.approx(11 / 255) and img[0, 0, 1] == pytest.approx(1.0)
     assert img[1, 5, 5] == pytest.approx(100 / 255) and img[2, 31, 31] == pytest.approx(200 / 255)
-    x, y = test.tensors()
+    x, y = tensors(test)
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]
     _same(out, DATASETS["cifar10"](_cfg("cifar10", tmp_path)))
 
@@ -278,7 +283,7 @@ def test_cifar100_fine_labels(tmp_path: Path) -> None:
     train, test, classes = tri(DATASETS["cifar100"](_cfg("cifar100", tmp_path)))
     assert len(classes) == 100 and classes[99] == "fine99"
     assert train.labels.tolist() == [99, 98, 97, 96] and test.labels.tolist() == [99, 98]
-    assert train.pixels.shape == (4, 3, 32, 32) and train.load(2)[0, 0, 0] == pytest.approx(2 / 255)
+    assert train.pixels.shape == (4, 3, 32, 32) and image(train, 2)[0, 0, 0] == pytest.approx(2 / 255)
 
 
 def test_cifar_missing_without_download(tmp_path: Path) -> None:
@@ -376,9 +381,9 @@ def test_imagefolder_class_folders(tmp_path: Path) -> None:
     assert classes == ["cat", "dog"]
     assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
     assert pairs(train)[0] == (str(tmp_path / "train" / "cat" / "0.png"), 0)
-    img = train.load(train.files.index(str(tmp_path / "train" / "cat" / "0.png")))
+    img = image(train, train.files.index(str(tmp_path / "train" / "cat" / "0.png")))
     assert img.shape == (3, 16, 16) and torch.allclose(img[0], torch.ones(16, 16)) and img[1].max() == 0
-    x, y = test.tensors()
+    x, y = tensors(test)
     assert x.shape == (2, 3, 16, 16) and x.min() >= 0 and x.max() <= 1 and y.dtype == torch.int64
     _same(out, DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=16)))
 
@@ -386,7 +391,7 @@ def test_imagefolder_class_folders(tmp_path: Path) -> None:
 def test_imagefolder_default_size_is_224(tmp_path: Path) -> None:
     _make_folders(tmp_path)
     train, _, _ = tri(DATASETS["imagefolder"](_cfg("imagefolder", tmp_path)))
-    assert train.image_size == 224 and train.load(0).shape == (3, 224, 224)
+    assert train.image_size == 224 and image(train, 0).shape == (3, 224, 224)
 
 
 @pytest.mark.parametrize(
@@ -436,7 +441,7 @@ def test_imagefolder_split_file(tmp_path: Path) -> None:
     assert classes == ["birds", "fish"]
     assert pairs(train) == [(str(tmp_path / "birds/b c.png"), 0), (str(tmp_path / "fish/b.png"), 1)]
     assert sorted(test.labels.tolist()) == [0, 1]
-    assert train.load(1).shape == (3, 8, 8) and train.load(1)[2].min() == 1
+    assert image(train, 1).shape == (3, 8, 8) and image(train, 1)[2].min() == 1
     # a relative split file is found under the root too
     _same(out, DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file="splits.txt", image_size=8)))
 
@@ -584,7 +589,7 @@ def test_caltech256_per_class_split(tmp_path: Path) -> None:
     assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(test.labels.tolist()) == [0, 0, 1, 1]
     assert not set(train.files) & set(test.files) and len(set(train.files) | set(test.files)) == 10
     assert train.files != sorted(train.files)  # held in a fixed shuffled order, not class by class
-    assert train.load(3)[0].mean() == pytest.approx(200 / 255, abs=3 / 255)
+    assert image(train, 3)[0].mean() == pytest.approx(200 / 255, abs=3 / 255)
     _same(out, _caltech(_cfg("caltech256", cats, image_size=8), per_class=3))
     # the choice in one class does not move when another class gains images
     _img(cats / "002.american-flag" / "002_0099.jpg", (200, 0, 0))
@@ -643,7 +648,7 @@ def test_cub200_official_split(tmp_path: Path) -> None:
     assert classes == ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]
     assert sorted(train.labels.tolist()) == [0, 1, 2] and sorted(test.labels.tolist()) == [0, 1, 2]
     assert pairs(train)[0] == (str(base / "images/001.Black_footed_Albatross/Black_footed_Albatross_0000_1.jpg"), 0)
-    x, y = train.tensors()
+    x, y = tensors(train)
     assert x.shape == (3, 3, 8, 8)
     for img, label in zip(x, y.tolist()):  # class c (1-based) was drawn with red 40 c
         assert img[0].mean() == pytest.approx(40 * (label + 1) / 255, abs=3 / 255)
@@ -719,7 +724,7 @@ def test_stanford_dogs_official_lists(tmp_path: Path) -> None:
     assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
     assert pairs(train)[0] == (str(tmp_path / "Images/n02085620-Chihuahua/n02085620_100.jpg"), 0)
     for i, label in enumerate(test.labels.tolist()):  # breed c (0-based) was drawn with blue 60 + 100 c
-        assert test.load(i)[2].mean() == pytest.approx((60 + 100 * label) / 255, abs=3 / 255)
+        assert image(test, i)[2].mean() == pytest.approx((60 + 100 * label) / 255, abs=3 / 255)
     _same(out, DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path, image_size=8)))
 
 

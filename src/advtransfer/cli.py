@@ -175,7 +175,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from .config import DataConfig, parse_eps
-    from .data import load_splits
+    from .data import load_splits, tensors
     from .evaluate import evaluate, sweep
     from .models import load_classifier
     from .pipeline import write_json
@@ -196,7 +196,7 @@ def cmd_eval(args) -> None:
     from .pipeline import check_channels
 
     check_channels(spec, splits.test.channels)
-    x, y = splits.test.tensors()
+    x, y = tensors(splits.test)
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     out = Path(args.out) if args.out else None
     kw = dict(norm=args.norm, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_loss=args.pgd_loss,

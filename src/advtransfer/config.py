@@ -61,7 +61,8 @@ class DataConfig:
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
     split_file: str = ""  # image-file datasets: "path label split" lines, a JSON file or a folder of {train,val,test}.json
-    image_size: int = 0  # image-file datasets are resized to this square size when read (0 = 224)
+    image_size: int = 0  # image-file datasets: crop side; Resize(side * 256/224) then crop, as the paper (0 = 224)
+    augment: bool = False  # image-file datasets: RandomCrop + RandomHorizontalFlip for training (else CenterCrop)
     n_train: int = 0  # subsample the training split to this many images (0 = all)
     n_val: int = 5000  # validation images carved from the training set (deterministic, never test)
     n_test: int = 0  # subsample the test split (0 = all)

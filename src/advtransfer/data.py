@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import partial
 
+import numpy as np
 import torch
+from torchvision.transforms import v2
 
 from .config import DataConfig
 from .datasets import DATASETS, SPLIT_SEED, Split, Splits
@@ -46,40 +47,79 @@ def apply_variant(x: torch.Tensor, variant: str) -> torch.Tensor:
     return out.reshape(*lead, c, h, w)
 
 
-def batches(
-    split: Split, batch_size: int, *, order: torch.Tensor | None = None, start: int = 0, workers: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images, labels)`` batches in ``order`` (default: as stored), skipping the first ``start`` images.
+def transforms(split: Split, train: bool) -> v2.Compose:
+    """The paper's transforms of an image-file split: ``Resize(256)`` (shorter side), then ``RandomCrop(224)`` and
+    ``RandomHorizontalFlip`` when ``train`` and the split augments, else ``CenterCrop(224)``; 256 and 224 scaled to
+    ``split.image_size``. In-memory datasets (MNIST, CIFAR) keep their native resolution: the model resizes."""
+    resize = v2.Resize(round(split.image_size * 256 / 224), antialias=True)
+    if train and split.augment:
+        return v2.Compose([resize, v2.RandomCrop(split.image_size), v2.RandomHorizontalFlip()])
+    return v2.Compose([resize, v2.CenterCrop(split.image_size)])
 
-    In-memory splits slice tensors directly (no DataLoader overhead); lazy splits use a worker DataLoader
-    so decoding never starves the training step.
+
+class _Examples(torch.utils.data.Dataset):
+    """Image-file examples by key ``(index, seed, epoch)``: decoded, transformed, variant applied.
+
+    Random transforms draw from the global generator seeded by the key alone (the caller's state is restored), so an
+    example is the same whichever worker reads it and in whatever order: resume is exact for any worker count.
     """
-    order = torch.arange(len(split)) if order is None else order
-    order = order[start:]
+
+    def __init__(self, split: Split, train: bool) -> None:
+        self.split, self.random, self.transform = split, train and split.augment, transforms(split, train)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, seed, epoch = key
+        x = self.split.load(i)
+        if self.random:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence((seed, epoch, i)).generate_state(1, np.uint64)[0]))
+                x = self.transform(x)
+        else:
+            x = self.transform(x)
+        return apply_variant(x, self.split.variant), self.split.labels[i]
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    order: torch.Tensor | None = None,
+    start: int = 0,
+    workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    train: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield float ``[0,1]`` images and int64 labels in ``order`` (default: as stored), skipping the first ``start``.
+
+    In-memory splits are sliced directly; image files are decoded and transformed (``transforms``; random ones when
+    ``train``, seeded by ``(seed, epoch, index)``) by ``workers`` DataLoader processes (0: in this one).
+    """
+    order = (torch.arange(len(split)) if order is None else torch.as_tensor(order))[start:]
     if split.in_memory:
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             yield split.pixels[idx].float().div_(255), split.labels[idx]
         return
+    keys = [(i, seed, epoch) for i in order.tolist()]
+    # its own generator: the DataLoader draws its workers' base seed, never from the training's global one
     loader = torch.utils.data.DataLoader(
-        _Indexed(split),
-        batch_size=batch_size,
-        sampler=order.tolist(),
-        num_workers=workers,
-        persistent_workers=False,
+        _Examples(split, train), batch_size, sampler=keys, num_workers=workers, generator=torch.Generator()
     )
-    yield from loader
+    for x, y in loader:
+        yield x.float().div_(255), y
 
 
-class _Indexed(torch.utils.data.Dataset):
-    def __init__(self, split: Split) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split.load(i), self.split.labels[i]
+def tensors(split: Split, order: torch.Tensor | None = None, *, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (or ``order``'s) images of ``split`` as one float ``[0,1]`` tensor, and their labels: for small splits."""
+    order = torch.arange(len(split)) if order is None else torch.as_tensor(order)
+    got = list(batches(split, 256, order=order, workers=workers))
+    size = split.pixels.shape[2:] if split.in_memory else (split.image_size, split.image_size)
+    x = torch.cat([b[0] for b in got]) if got else torch.zeros(0, split.channels, *size)
+    return x, split.labels[order]
 
 
 def check_labels(split: Split, num_classes: int, what: str) -> None:
@@ -204,7 +244,7 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
         splits = [
             replace(s, pixels=apply_variant(s.pixels, cfg.variant).contiguous())
             if s.in_memory
-            else replace(s, view=partial(apply_variant, variant=cfg.variant))
+            else replace(s, variant=cfg.variant)
             for s in splits
         ]
     return Splits(*splits, classes=classes, notes=notes)

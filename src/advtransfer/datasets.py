@@ -35,14 +35,15 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 @dataclass(eq=False)
 class Split:
-    """One split: images held in memory as uint8 ``[N,C,H,W]``, or read from ``files`` when indexed."""
+    """One split: uint8 images held in memory, or image files decoded when read (``data.py`` transforms them)."""
 
     labels: torch.Tensor  # int64 [N]
     pixels: torch.Tensor | None = None  # uint8 [N,C,H,W] (in-memory datasets)
-    files: list[str] | None = None  # image paths (lazy datasets)
-    image_size: int = 224  # lazy datasets: square size images are resized to when read
+    files: list[str] | None = None  # image paths (image-file datasets)
+    image_size: int = 224  # image files: side of the square crop the transforms produce
+    augment: bool = False  # image files: random crop + flip when read for training
+    variant: str = "none"  # image files: applied after the transforms (in-memory pixels are stored with it applied)
     channels: int = 3
-    view: Callable[[torch.Tensor], torch.Tensor] | None = None  # image files: applied to each image read
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)
@@ -68,33 +69,20 @@ class Split:
         return replace(self, labels=self.labels[idx], files=[self.files[i] for i in idx.tolist()])
 
     def load(self, i: int) -> torch.Tensor:
-        """Image ``i`` as float ``[C,H,W]`` in ``[0,1]``."""
-        if self.pixels is not None:
-            return self.pixels[i].float().div_(255)
-        x = read_image(self.files[i], self.image_size, self.channels)
-        return x if self.view is None else self.view(x)
-
-    def tensors(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All (or ``idx``) images and labels as tensors — for evaluation of small splits."""
-        idx = torch.arange(len(self)) if idx is None else torch.as_tensor(idx, dtype=torch.int64)
-        if self.pixels is not None:
-            return self.pixels[idx].float().div_(255), self.labels[idx]
-        return torch.stack([self.load(i) for i in idx.tolist()]), self.labels[idx]
+        """Image ``i`` as stored: uint8 ``[C,H,W]``, an image file at its own size."""
+        return self.pixels[i] if self.pixels is not None else read_image(self.files[i], self.channels)
 
 
-def read_image(path: str, size: int, channels: int) -> torch.Tensor:
-    """Image file ``path`` as float ``[C,H,W]`` in ``[0,1]``, resized to ``size`` x ``size``."""
+def read_image(path: str, channels: int) -> torch.Tensor:
+    """Image file ``path`` as uint8 ``[C,H,W]`` (grey if ``channels`` is 1, else RGB)."""
     from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            return pil_to_tensor(im.convert("L" if channels == 1 else "RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UserError(f"data: cannot read image {path}: {e.__class__.__name__}") from None
-    t = torch.from_numpy(arr.copy())
-    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
-    return t.float().div_(255)
 
 
 @dataclass
@@ -278,7 +266,7 @@ def _lazy(pairs: list[tuple[Path, int]], cfg: DataConfig) -> Split:
         labels=torch.tensor([y for _, y in pairs], dtype=torch.int64),
         files=[str(f) for f, _ in pairs],
         image_size=cfg.image_size or 224,
-        channels=3,
+        augment=cfg.augment,
     )
 
 

@@ -362,7 +362,16 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
             start = progress["step"]
             bar = tqdm(
-                batches(train, cfg.batch_size, order=order, start=start * cfg.batch_size, workers=stage.workers),
+                batches(
+                    train,
+                    cfg.batch_size,
+                    order=order,
+                    start=start * cfg.batch_size,
+                    workers=stage.workers,
+                    seed=stage.seed,
+                    epoch=epoch,
+                    train=True,
+                ),
                 total=steps_per_epoch - start,
                 desc=f"{stage.dir.name} epoch {epoch + 1}/{cfg.epochs}",
                 leave=False,
