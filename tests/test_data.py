@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from advtransfer import data
 from advtransfer.config import DataConfig
-from advtransfer.data import Split, batches, load_splits, tensors
+from advtransfer.data import Split, batches, load_splits, tensors, to_device
 from advtransfer.datasets import Splits
 from advtransfer.errors import UserError
 
@@ -53,7 +54,7 @@ def test_shapes_dtypes_counts(name: str) -> None:
     assert set(y.tolist()) == set(range(10))
     counts = torch.bincount(s.train.labels, minlength=10)
     assert counts.min() > 4000  # every class well represented (MNIST min is ~5400, Fashion exactly 6000)
-    xb, yb = next(batches(s.train, 64))
+    xb, yb = to_device(*next(batches(s.train, 64)), "cpu")
     assert xb.shape == (64, 1, 28, 28) and xb.dtype == torch.float32 and yb.dtype == torch.int64
     assert 0.0 <= float(xb.min()) and float(xb.max()) <= 1.0
 
@@ -123,7 +124,7 @@ def test_subsampling(mnist: data.Splits, mnist_full: Split) -> None:
 def test_batches_order_and_start(mnist: data.Splits) -> None:
     split = mnist.val.subset(torch.arange(10))
     order = torch.tensor([9, 2, 7, 0, 5, 1, 8, 3, 6, 4])
-    got = list(batches(split, 4, order=order, start=3))
+    got = [to_device(x, y, "cpu") for x, y in batches(split, 4, order=order, start=3)]
     assert [len(y) for _, y in got] == [4, 3]
     x = torch.cat([b[0] for b in got])
     y = torch.cat([b[1] for b in got])
@@ -149,7 +150,7 @@ def test_batches_lazy_split_matches_order(tmp_path: Path) -> None:
     split = Split(labels=torch.tensor(labels), files=files, image_size=8, channels=1)
     assert not split.in_memory
     order = torch.tensor([5, 3, 1, 0, 2, 4])
-    got = list(batches(split, 2, order=order, start=1))
+    got = [to_device(x, y, "cpu") for x, y in batches(split, 2, order=order, start=1)]
     x = torch.cat([b[0] for b in got])
     y = torch.cat([b[1] for b in got])
     assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -311,7 +312,7 @@ def test_resample_draws_train_with_the_run_seed() -> None:
 
 
 def _stripes(root: Path, n: int = 6) -> None:
-    """``n`` 60x20 images per split: thirds red | green | blue, a marker pixel in the top-left corner."""
+    """``n`` 60x20 images per split in two classes: thirds red | green | blue, a grey top-left corner."""
     from PIL import Image
 
     for part in ("train", "test"):
@@ -319,8 +320,8 @@ def _stripes(root: Path, n: int = 6) -> None:
             arr = np.zeros((20, 60, 3), np.uint8)
             arr[:, :20, 0], arr[:, 20:40, 1], arr[:, 40:, 2] = 250, 250, 250
             arr[:2, :2] = 10 * i
-            (root / part / "c").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(root / part / "c" / f"{i}.png")
+            (root / part / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / part / f"c{i % 2}" / f"{i}.png")
 
 
 def test_eval_transform_resizes_the_shorter_side_then_center_crops(tmp_path: Path) -> None:
@@ -336,7 +337,8 @@ def test_eval_transform_resizes_the_shorter_side_then_center_crops(tmp_path: Pat
 
 
 def _epoch(split: Split, **kw) -> torch.Tensor:
-    return torch.cat([x for x, _ in batches(split, 4, train=True, **kw)])
+    """One training pass over ``split`` as float images."""
+    return torch.cat([to_device(x, y, "cpu")[0] for x, y in batches(split, 4, train=True, **kw)])
 
 
 def test_random_transforms_are_seeded_per_example(tmp_path: Path) -> None:
@@ -350,9 +352,9 @@ def test_random_transforms_are_seeded_per_example(tmp_path: Path) -> None:
     assert a.shape == (11, 3, 16, 16) and len({x.sum().item() for x in a}) > 1  # crops and flips vary
     # the same (seed, epoch, index) gives the same image in another order, from other worker processes
     order = torch.arange(11).flip(0)
-    b = torch.cat([x for x, _ in batches(train, 3, order=order, workers=2, seed=3, epoch=1, train=True)])
-    assert torch.equal(b, a[order])
-    resumed = torch.cat([x for x, _ in batches(train, 4, start=5, seed=3, epoch=1, train=True)])
+    b = _epoch(train, order=order, workers=2, seed=3, epoch=1)
+    assert torch.equal(b, a[order]) and torch.equal(torch.get_rng_state(), state)
+    resumed = _epoch(train, start=5, seed=3, epoch=1)
     assert torch.equal(resumed, a[5:])
     assert not torch.equal(_epoch(train, seed=3, epoch=2), a) and not torch.equal(_epoch(train, seed=4, epoch=1), a)
     crops = torch.cat([_epoch(train, seed=0, epoch=e) for e in range(4)])
@@ -362,3 +364,71 @@ def test_random_transforms_are_seeded_per_example(tmp_path: Path) -> None:
     assert (red[:, :, -1].all(1) & ~red[:, :, 0].any(1)).any()  # red on the right: flipped
     plain = load_splits(replace(cfg, augment=False)).train
     assert torch.equal(_epoch(plain, seed=3, epoch=1), tensors(plain)[0])  # no augment: the center crop
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def test_images_stay_uint8_until_the_device(tmp_path: Path, mnist: data.Splits) -> None:
+    _stripes(tmp_path)
+    lazy = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, n_val=1)).test
+    for split in (mnist.val, lazy):
+        x, y = next(batches(split, 4))
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64 and len(x) == 4
+        xf, yf = to_device(x, y, torch.device("cpu"))
+        assert xf.dtype == torch.float32 and torch.equal(xf * 255, x.float()) and torch.equal(yf, y)
+    assert not hasattr(Split, "tensors")  # nothing stacks a whole split as float but data.tensors, on request
+
+
+def test_loader_is_built_once_and_reused(tmp_path: Path) -> None:
+    _stripes(tmp_path, n=10)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, n_val=1, augment=True)
+    train = load_splits(cfg).train
+    want = {e: _epoch(train, seed=1, epoch=e) for e in (0, 1)}
+    passes = [_epoch(train, workers=2, seed=1, epoch=e, order=torch.arange(9)) for e in (0, 1, 0)]
+    assert torch.equal(passes[0], want[0]) and torch.equal(passes[1], want[1]) and torch.equal(passes[2], want[0])
+    loader = train.loaders[(4, 2, True)]
+    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    pids = [w.pid for w in loader._iterator._workers]
+    next(batches(train, 4, workers=2, seed=1, epoch=1, train=True))  # a pass left unfinished (an interrupted epoch)
+    assert torch.equal(_epoch(train, workers=2, seed=1, epoch=0), want[0])  # the next pass is whole and right
+    assert [w.pid for w in loader._iterator._workers] == pids  # the same worker processes served every pass
+    _ = tensors(train, workers=2)  # evaluation reads through a loader of its own (no augmentation)
+    assert set(train.loaders) == {(4, 0, True), (4, 2, True), (256, 2, False)}
+    gone = weakref.ref(loader)
+    del loader, train
+    assert gone() is None  # no reference cycle: the loader and its workers go with the split, not at a later GC
+
+
+def test_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from advtransfer.config import load_config
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(12)))
+    assert data.worker_count(DataConfig()) == 8  # auto: min(8, CPUs / processes)
+    monkeypatch.setattr(data.D, "world", lambda: 4)
+    assert data.worker_count(DataConfig()) == 3
+    assert data.worker_count(load_config(overrides=["data.workers=0"]).data) == 0
+    assert data.worker_count(load_config(overrides=["data.workers=5"]).data) == 5
+    assert load_config(overrides=["data.workers=auto"]).data.workers == "auto"
+    for bad in ("-1", "many", "2.5"):
+        with pytest.raises(UserError, match=r"data\.workers must be >= 0 or 'auto'"):
+            load_config(overrides=[f"data.workers={bad}"])
+
+
+def test_run_on_image_files_is_the_same_for_any_worker_count(tmp_path: Path) -> None:
+    """A whole augmented run (training, validation, test) on image files: workers 0 and 2 give identical weights."""
+    from safetensors.torch import load_file
+
+    from advtransfer.config import load_config
+    from advtransfer.pipeline import run
+
+    _stripes(tmp_path / "data", n=10)
+    data = f"{{name: imagefolder, root: '{tmp_path / 'data'}', image_size: 16, n_val: 2, augment: true}}"
+    vit = "{img_size: 16, patch_size: 8, embed_dim: 16, depth: 1, num_heads: 1}"
+    sets = [f"data={data}", "model.backbone=vit_tiny_patch16_224", f"model.kwargs={vit}", "method.name=full"]
+    sets += ["attack.eps=0.1", "attack.steps=1", "train.epochs=2", "train.batch_size=4", "eval.val_pgd_steps=1"]
+    sets += ["eval.pgd_steps=1", "eval.autoattack=false"]
+    cards = [run(load_config(overrides=[*sets, f"data.workers={w}"]), tmp_path / f"w{w}") for w in (0, 2)]
+    assert cards[0]["clean_acc"] == cards[1]["clean_acc"] and cards[0]["pgd_acc"] == cards[1]["pgd_acc"]
+    best = [load_file(str(tmp_path / f"w{w}" / "best.safetensors")) for w in (0, 2)]
+    assert best[0].keys() == best[1].keys() and all(torch.equal(best[0][k], best[1][k]) for k in best[0])

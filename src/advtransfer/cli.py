@@ -175,7 +175,7 @@ def cmd_eval(args) -> None:
     import torch
 
     from .config import DataConfig, parse_eps
-    from .data import load_splits, tensors
+    from .data import load_splits, tensors, worker_count
     from .evaluate import evaluate, sweep
     from .models import load_classifier
     from .pipeline import write_json
@@ -190,13 +190,14 @@ def cmd_eval(args) -> None:
     if args.norm == "Linf" and max(eps_list) > 1:
         raise UserError(f"eval: --eps must be <= 1 for Linf (pixels are in [0,1]), got {args.eps!r}")
     model, spec = load_classifier(Path(args.checkpoint))
-    splits = load_splits(DataConfig(name=args.data, root=args.root, n_test=args.n, n_val=0))
+    data_cfg = DataConfig(name=args.data, root=args.root, n_test=args.n, n_val=0)
+    splits = load_splits(data_cfg)
     if splits.num_classes != spec.num_classes:
         raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {args.data} has {splits.num_classes}")
     from .pipeline import check_channels
 
     check_channels(spec, splits.test.channels)
-    x, y = tensors(splits.test)
+    x, y = tensors(splits.test, workers=worker_count(data_cfg))
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     out = Path(args.out) if args.out else None
     kw = dict(norm=args.norm, pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_loss=args.pgd_loss,

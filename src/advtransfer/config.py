@@ -60,15 +60,19 @@ class DataConfig:
     name: str = "fashion-mnist"  # a key of advtransfer.datasets.DATASETS, or a join like mnist[0-4]+fashion-mnist[0-4]
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
-    split_file: str = ""  # image-file datasets: "path label split" lines, a JSON file or a folder of {train,val,test}.json
+    split_file: str = ""  # image-file datasets: "path label split" lines, a JSON file, or a folder of VPT json
     image_size: int = 0  # image-file datasets: crop side; Resize(side * 256/224) then crop, as the paper (0 = 224)
     augment: bool = False  # image-file datasets: RandomCrop + RandomHorizontalFlip for training (else CenterCrop)
     n_train: int = 0  # subsample the training split to this many images (0 = all)
     n_val: int = 5000  # validation images carved from the training set (deterministic, never test)
     n_test: int = 0  # subsample the test split (0 = all)
-    workers: int = 2  # DataLoader workers for image-file datasets (in-memory ones need none)
+    workers: str = "auto"  # DataLoader processes per image-file split: "auto" = min(8, CPUs / processes), 0 = none
     variant: str = "none"  # none | invert (1 - x) | rot90 | patch-shuffle (fixed 4x4 patch permutation): far domains
     resample: bool = False  # draw the n_train subset with the run seed (the validation carve-out stays fixed)
+
+    def __post_init__(self) -> None:
+        if str(self.workers) != "auto" and not (str(self.workers).isdigit() and str(self.workers).isascii()):
+            raise UserError(f"config: data.workers must be >= 0 or 'auto', got {self.workers!r}")
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,6 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config: eval.aa_version must be 'standard' or 'custom', got {cfg.eval.aa_version!r}")
     if cfg.eval.n_autoattack < 0:
         raise UserError(f"config: eval.n_autoattack must be >= 0, got {cfg.eval.n_autoattack}")
-    for key in ("n_train", "n_val", "n_test", "image_size", "workers"):
+    for key in ("n_train", "n_val", "n_test", "image_size"):
         if getattr(cfg.data, key) < 0:
             raise UserError(f"config: data.{key} must be >= 0, got {getattr(cfg.data, key)}")

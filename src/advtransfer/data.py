@@ -8,6 +8,7 @@ turn a dataset into a far-domain target. Raw datasets come from ``datasets.py``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from . import distributed as D
 from .config import DataConfig
 from .datasets import DATASETS, SPLIT_SEED, Split, Splits
 from .errors import UserError
@@ -65,7 +67,9 @@ class _Examples(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: Split, train: bool) -> None:
-        self.split, self.random, self.transform = split, train and split.augment, transforms(split, train)
+        # a copy without ``split.loaders``: no reference cycle, so a loader and its workers go with their split at once
+        # (collected as a cycle they may outlive their queues, and shutting down waits 5 s for each worker)
+        self.split, self.random, self.transform = replace(split), train and split.augment, transforms(split, train)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -82,6 +86,19 @@ class _Examples(torch.utils.data.Dataset):
         return apply_variant(x, self.split.variant), self.split.labels[i]
 
 
+class _Keys(torch.utils.data.Sampler):
+    """The example keys of the next pass, set before each: one loader (and its worker processes) serves every pass."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 def batches(
     split: Split,
     batch_size: int,
@@ -93,33 +110,59 @@ def batches(
     epoch: int = 0,
     train: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield float ``[0,1]`` images and int64 labels in ``order`` (default: as stored), skipping the first ``start``.
+    """Yield uint8 images ``[B,C,H,W]`` and int64 labels ``[B]`` in ``order`` (default: as stored), skipping the first
+    ``start``; ``to_device`` makes them float ``[0,1]`` on the device.
 
-    In-memory splits are sliced directly; image files are decoded and transformed (``transforms``; random ones when
-    ``train``, seeded by ``(seed, epoch, index)``) by ``workers`` DataLoader processes (0: in this one).
+    In-memory splits are sliced directly. Image files are decoded and transformed (``transforms``; random ones when
+    ``train``, seeded by ``(seed, epoch, index)``) by ``workers`` DataLoader processes (0: in this one). The loader
+    is built once per split and setting (persistent workers, pinned memory under CUDA) and reused by every pass.
     """
     order = (torch.arange(len(split)) if order is None else torch.as_tensor(order))[start:]
     if split.in_memory:
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            yield split.pixels[idx].float().div_(255), split.labels[idx]
+            yield split.pixels[idx], split.labels[idx]
         return
-    keys = [(i, seed, epoch) for i in order.tolist()]
-    # its own generator: the DataLoader draws its workers' base seed, never from the training's global one
-    loader = torch.utils.data.DataLoader(
-        _Examples(split, train), batch_size, sampler=keys, num_workers=workers, generator=torch.Generator()
-    )
-    for x, y in loader:
-        yield x.float().div_(255), y
+    setting = (batch_size, workers, train)
+    if setting not in split.loaders:
+        # its own generator: the loader draws its workers' base seed, never from the training's global one
+        split.loaders[setting] = torch.utils.data.DataLoader(
+            _Examples(split, train),
+            batch_size,
+            sampler=_Keys(),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),
+        )
+    loader = split.loaders[setting]
+    loader.sampler.keys = [(i, seed, epoch) for i in order.tolist()]
+    yield from loader
 
 
-def tensors(split: Split, order: torch.Tensor | None = None, *, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (or ``order``'s) images of ``split`` as one float ``[0,1]`` tensor, and their labels: for small splits."""
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of ``batches`` on ``device``: float ``[0,1]`` images (converted there), int64 labels."""
+    return x.to(device, non_blocking=True).float().div_(255), y.to(device, non_blocking=True)
+
+
+def tensors(
+    split: Split, order: torch.Tensor | None = None, *, device: torch.device | str = "cpu", workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (or ``order``'s) images of ``split`` as one float ``[0,1]`` tensor on ``device``, and their labels: for
+    small splits and evaluation functions that take whole tensors."""
     order = torch.arange(len(split)) if order is None else torch.as_tensor(order)
-    got = list(batches(split, 256, order=order, workers=workers))
+    got = [to_device(x, y, device) for x, y in batches(split, 256, order=order, workers=workers)]
+    if got:
+        return torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
     size = split.pixels.shape[2:] if split.in_memory else (split.image_size, split.image_size)
-    x = torch.cat([b[0] for b in got]) if got else torch.zeros(0, split.channels, *size)
-    return x, split.labels[order]
+    return torch.zeros(0, split.channels, *size, device=device), split.labels[:0].to(device)
+
+
+def worker_count(cfg: DataConfig) -> int:
+    """DataLoader processes per split: ``data.workers``, or for ``"auto"`` min(8, CPUs / processes of the run)."""
+    if cfg.workers != "auto":
+        return int(cfg.workers)
+    return min(8, len(os.sched_getaffinity(0)) // D.world())
 
 
 def check_labels(split: Split, num_classes: int, what: str) -> None:

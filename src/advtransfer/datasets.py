@@ -44,6 +44,7 @@ class Split:
     augment: bool = False  # image files: random crop + flip when read for training
     variant: str = "none"  # image files: applied after the transforms (in-memory pixels are stored with it applied)
     channels: int = 3
+    loaders: dict = field(init=False, repr=False, default_factory=dict)  # data.batches' DataLoaders, built once each
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from . import distributed as D
 from .attacks import Threat
 from .config import Init, RunConfig, to_dict
-from .data import Splits, load_splits, tensors
+from .data import Splits, load_splits, tensors, worker_count
 from .errors import UserError
 from .evaluate import evaluate
 from .methods import apply_method, count
@@ -295,7 +295,8 @@ def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, auto
     n_test = len(splits.test)
     lo, hi = D.shard_bounds(n_test)  # under torchrun every rank evaluates a shard; masks are gathered
     dev = next(model.parameters()).device
-    x, y = (t.to(dev) for t in tensors(splits.test, torch.arange(lo, hi)))
+    workers = worker_count(cfg.data)
+    x, y = tensors(splits.test, torch.arange(lo, hi), device=dev, workers=workers)
     common = dict(eps=cfg.eps, norm=cfg.attack.norm.value, pgd_steps=e.pgd_steps, pgd_step_size=cfg.step_size,
                   pgd_restarts=e.pgd_restarts, batch_size=e.batch_size, seed=cfg.seed, num_classes=splits.num_classes)  # fmt: skip
     res = evaluate(model, x, y, attacks=("clean", "pgd"), **common)
@@ -317,7 +318,7 @@ def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, auto
         if lo <= a_lo and a_hi <= hi:  # always in one process: the subset is already loaded, read nothing twice
             xa, ya = x[a_lo - lo : a_hi - lo], y[a_lo - lo : a_hi - lo]
         else:
-            xa, ya = (t.to(dev) for t in tensors(splits.test, torch.arange(a_lo, a_hi)))
+            xa, ya = tensors(splits.test, torch.arange(a_lo, a_hi), device=dev, workers=workers)
         state = out / ("autoattack_state.json" if D.world() == 1 else f"autoattack_state.rank{D.rank()}.json")
         aa = evaluate(model, xa, ya, attacks=("autoattack",), aa_version=e.aa_version, aa_attacks=e.aa_attacks,
                       aa_state=state, checks=False, **common)  # fmt: skip
@@ -355,9 +356,8 @@ def run_stage(
         log(f"RoLI: head loaded from {head_from}")
     train_threat, val_threat, _ = _threats(cfg)
     section = "probe" if train_cfg is cfg.probe else "train"
-    stage = Stage(
-        stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size, section, cfg.data.workers
-    )
+    workers = worker_count(cfg.data)
+    stage = Stage(stage_dir, spec, train_cfg, train_threat, val_threat, cfg.seed, cfg.eval.batch_size, section, workers)
     best = fit(model, splits.train, splits.val, stage, log, resume=resume)
     best_model = make_model(cfg, spec, cfg.seed)
     best_model.load_state_dict(read_state(stage.best_path))

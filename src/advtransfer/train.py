@@ -27,7 +27,8 @@ from tqdm import tqdm
 from . import distributed as D
 from .attacks import Threat, autocast, pgd, uniform_start
 from .config import Objective, Optimizer, TrainConfig
-from .data import Split, batches
+from .data import batches, to_device
+from .datasets import Split
 from .errors import RunError, UserError
 from .models import Classifier, ModelSpec, atomic_write, plain_tensors, save_checkpoint
 
@@ -285,7 +286,7 @@ def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, w
     dev = next(model.parameters()).device
     clean, rob = [], []
     for x, y in batches(split, batch_size, order=torch.arange(lo, hi), workers=workers):
-        x, y = x.to(dev), y.to(dev)
+        x, y = to_device(x, y, dev)
         clean.append(clean_correct(model, x, y, batch_size))
         rob.append(pgd_correct(model, x, y, threat, batch_size=batch_size))
     clean_all, rob_all = (
@@ -379,7 +380,7 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, log, resume: 
             )
             try:
                 for x, y in bar:
-                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    x, y = to_device(x, y, dev)
                     # PGD's random start is drawn for the whole global batch, then each rank takes its
                     # shard: N ranks take exactly the steps one process takes at the same global batch
                     start0 = (
