@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
+from advtransfer.data import load_splits, tensors
 from advtransfer.evaluation import evaluate
 from advtransfer.models import load_classifier
 
@@ -30,7 +30,7 @@ N_SUBSET, N_AA_SUBSET = 500, 100
 def subset_figures(ckpt: Path, eps: float) -> dict:
     """What the shipped-model test re-measures: same images, seed and settings every time."""
     model, _ = load_classifier(ckpt)
-    x, y = load_splits(DataConfig(name="mnist", n_val=0, n_test=N_SUBSET)).test.tensors()
+    x, y = tensors(load_splits(DataConfig(name="mnist", n_val=0, n_test=N_SUBSET)).test)
     torch.set_num_threads(torch.get_num_threads())
     r = evaluate(model, x, y, eps=eps, attacks=("clean", "pgd"), pgd_steps=20, seed=0, checks=False)
     aa = evaluate(model, x[:N_AA_SUBSET], y[:N_AA_SUBSET], eps=eps, attacks=("autoattack",), seed=0, checks=False)

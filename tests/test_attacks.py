@@ -9,14 +9,14 @@ from torch import nn
 
 from advtransfer.attacks import Threat, margin_loss, per_example_loss, pgd
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
+from advtransfer.data import load_splits, tensors
 from advtransfer.models import Classifier
 
 
 @pytest.fixture(scope="module")
 def mnist() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     s = load_splits(DataConfig(name="mnist", n_train=600, n_val=10, n_test=200))
-    return s.train.tensors(), s.test.tensors()
+    return tensors(s.train), tensors(s.test)
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from advtransfer import data, models, train
+from advtransfer import embedded, models, train
 from advtransfer.cli import main
 from advtransfer.models import ModelSpec, build, save_checkpoint
 
@@ -150,7 +150,7 @@ def fake_fashion(ctx: Ctx, *, n_train=40, n_test=20, labels=None, mangle: Callab
         (root / "fashion-mnist").mkdir(parents=True, exist_ok=True)
         (root / "fashion-mnist" / name).write_bytes(blob)
     ctx.mp.setenv("ADVTRANSFER_DATA", str(root))
-    ctx.mp.setitem(data.CHECKSUMS, "fashion-mnist", sums)
+    ctx.mp.setitem(embedded.CHECKSUMS, "fashion-mnist", sums)
 
 
 def patched_idx(ctx: Ctx, name: str, raw: bytes) -> None:
@@ -158,8 +158,8 @@ def patched_idx(ctx: Ctx, name: str, raw: bytes) -> None:
     fake_fashion(ctx)
     blob = gzip.compress(raw, mtime=0)
     (ctx.tmp / "data" / "fashion-mnist" / name).write_bytes(blob)
-    sums = dict(data.CHECKSUMS["fashion-mnist"], **{name: hashlib.sha256(blob).hexdigest()})
-    ctx.mp.setitem(data.CHECKSUMS, "fashion-mnist", sums)
+    sums = dict(embedded.CHECKSUMS["fashion-mnist"], **{name: hashlib.sha256(blob).hexdigest()})
+    ctx.mp.setitem(embedded.CHECKSUMS, "fashion-mnist", sums)
 
 
 def png(path: Path, size=(8, 8), mode="RGB") -> None:
@@ -397,7 +397,7 @@ CASES: dict[str, Case] = {
             fake_fashion(c),
             (c.tmp / "data/fashion-mnist/train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00broken"),
             c.mp.setitem(
-                data.CHECKSUMS["fashion-mnist"],
+                embedded.CHECKSUMS["fashion-mnist"],
                 "train-labels-idx1-ubyte.gz",
                 hashlib.sha256(b"\x1f\x8b\x08\x00broken").hexdigest(),
             ),
@@ -640,7 +640,7 @@ def test_bad_input_found_after_a_checkpoint_keeps_the_run_resumable(tmp_path, so
 
 def test_unexpected_exception_is_one_line_and_debug_shows_it(tmp_path, source, monkeypatch, capsys):
     ctx = Ctx(tmp_path, source, monkeypatch)
-    monkeypatch.setattr("advtransfer.pipeline.load_splits", lambda cfg: 1 / 0)
+    monkeypatch.setattr("advtransfer.pipeline.load_splits", lambda *a, **k: 1 / 0)
     error_line(capsys, main(ctx.run()), 1, "internal error", "ZeroDivisionError", "division by zero", "--debug")
     ctx.out = tmp_path / "run2"
     with pytest.raises(ZeroDivisionError):

@@ -12,7 +12,7 @@ from torch import nn
 from advtransfer import evaluation
 from advtransfer.attacks import Threat, pgd
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
+from advtransfer.data import load_splits, tensors
 from advtransfer.evaluation import autoattack_correct, sweep, sweep_flags
 from advtransfer.models import ModelSpec, build
 
@@ -20,7 +20,7 @@ from advtransfer.models import ModelSpec, build
 @pytest.fixture(scope="module")
 def mnist():
     s = load_splits(DataConfig(name="mnist", n_train=3000, n_val=100, n_test=200))
-    return s.train.tensors(), s.test.tensors()
+    return tensors(s.train), tensors(s.test)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
+from advtransfer.data import load_splits, tensors
 from advtransfer.evaluation import evaluate
 from advtransfer.models import load_classifier
 
@@ -22,7 +22,7 @@ def test_card_reproduces(name):
     model, spec = load_classifier(MODELS / f"{name}.safetensors")
     assert spec.trained["dataset"] == "mnist" and spec.num_classes == 10
     sub = card["subset"]
-    x, y = load_splits(DataConfig(name="mnist", n_val=0, n_test=sub["n"])).test.tensors()
+    x, y = tensors(load_splits(DataConfig(name="mnist", n_val=0, n_test=sub["n"])).test)
     eps = float(card["config"]["attack"]["eps"])
     r = evaluate(model, x, y, eps=eps, attacks=("clean", "pgd"), pgd_steps=20, seed=0, checks=False)
     assert r["clean"] == pytest.approx(sub["clean"], abs=TOL)

@@ -102,15 +102,18 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: str = "fashion-mnist"  # a key of advtransfer.datasets.DATASETS
+    name: str = "fashion-mnist"  # a key of advtransfer.datasets.DATASETS, or a join like mnist[0-4]+fashion-mnist[0-4]
     root: str = ""  # folder of a disk dataset; embedded ones cache under $ADVTRANSFER_DATA
     download: bool = False  # allow torchvision to download CIFAR (needs internet)
-    split_file: str = ""  # imagefolder: text file of "relative/path label split" lines
-    image_size: int = Field(0, ge=0)  # image-file datasets are resized to this square size when read (0 = 224)
+    split_file: str = ""  # image-file datasets: "path label split" lines, a JSON file, or a folder of VPT json
+    image_size: int = Field(0, ge=0)  # image-file datasets: crop side; Resize(side * 256/224) then crop (0 = 224)
+    augment: bool = False  # image-file datasets: RandomCrop + RandomHorizontalFlip for training (else CenterCrop)
     n_train: int = Field(0, ge=0)  # subsample the training split to this many images (0 = all)
     n_val: int = Field(5000, ge=0)  # validation images carved from the training set (deterministic, never test)
     n_test: int = Field(0, ge=0)  # subsample the test split (0 = all)
-    workers: int = Field(2, ge=0)  # DataLoader workers for image-file datasets (in-memory ones need none)
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # loader processes per image-file split
+    variant: Literal["none", "invert", "rot90", "patch-shuffle"] = "none"  # a far-domain copy of every split
+    resample: bool = False  # draw the n_train subset with the run seed (the validation carve-out stays fixed)
 
 
 class ModelConfig(Section):

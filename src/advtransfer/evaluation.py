@@ -23,7 +23,8 @@ from . import distributed as D
 from .attacks import Threat, autoattack, autoattack_correct, clean_correct, pgd_correct
 from .checks import attack_flags, autoattack_flags, model_flags, sweep_flags
 from .config import AA_ATTACKS
-from .data import Split, batches, to_device
+from .data import batches, to_device
+from .datasets import Split
 from .errors import Interrupted, UserError
 from .rundir import StopRequest, atomic_write
 

@@ -22,7 +22,8 @@ from .attacks import Threat
 from .checkpoints import compact_keys, load_backbone_weights, load_head, read_spec, read_state, source_of
 from .config import Init, RunConfig, probe_problems, to_dict
 from .configfile import load_config
-from .data import Splits, load_splits
+from .data import load_splits, worker_count
+from .datasets import Splits
 from .errors import UserError
 from .evaluation import evaluate_batches, split_batches
 from .methods import apply_method, count
@@ -124,7 +125,7 @@ def run_stage(
         cfg.seed,
         cfg.eval.batch_size,
         section,
-        cfg.data.workers,
+        worker_count(cfg.data),
         validate_init=head_from is not None,
         log=rd.log,
         log_every=cfg.track.log_every,
@@ -172,7 +173,7 @@ def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, auto
     with StopRequest() as stop:
         res = evaluate_batches(
             net,
-            split_batches(splits.test, e.batch_size, dev, cfg.data.workers),
+            split_batches(splits.test, e.batch_size, dev, worker_count(cfg.data)),
             len(splits.test),
             Threat.of(cfg.attack, e.pgd_steps),
             attacks=("clean", "pgd", "autoattack") if autoattack else ("clean", "pgd"),
@@ -285,9 +286,10 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     write_json(out / "env.json", env)
     splits = load_splits(cfg.data, seed=cfg.seed)
     rd.log(
-        f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, "
-        f"{splits.num_classes} classes{'; validation from the split file' if splits.val_from_file else ''}"
+        f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
     )
+    for note in splits.notes:
+        rd.log(f"data: {note}")
     spec, origin = source_spec(cfg, splits)
     check_channels(spec, splits.train.channels)
     hardware = device_setup(cfg)

@@ -22,7 +22,8 @@ from . import distributed as D
 from .attacks import Threat, autocast, clean_correct, fgsm, pgd, pgd_correct, uniform_start
 from .checkpoints import load_state, save_checkpoint, save_state
 from .config import Objective, Optimizer, TrainConfig
-from .data import Split, batches, to_device
+from .data import batches, to_device
+from .datasets import Split
 from .errors import Interrupted, RunError
 from .models import Classifier, ModelSpec, compiled
 from .rundir import StopRequest, read_jsonl, write_jsonl

@@ -1,11 +1,16 @@
-"""Disk dataset loaders on tiny fixtures written in each dataset's real on-disk format."""
+"""Raw dataset loaders: the embedded files (checksums, IDX parsing) and the disk datasets on tiny fixtures written in
+each dataset's real on-disk format."""
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import pickle
+import re
 import shutil
 import struct
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from advtransfer import datasets_disk
+from advtransfer import datasets, embedded, imagefiles
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
-from advtransfer.datasets_disk import DATASETS
+from advtransfer.data import load_splits, tensors
+from advtransfer.datasets import DATASETS, Splits, read_idx
 from advtransfer.errors import UserError
 
 # ----------------------------------------------------------------------------- fixtures helpers
@@ -34,9 +39,9 @@ def test_lazy_test_split_prefix_spans_classes(tmp_path: Path) -> None:
         for i in range(5):
             _img(tmp_path / "train" / c / f"{i}.png", (10 * i, 0, 0))
             _img(tmp_path / "test" / c / f"{i}.png", (10 * i, 0, 0))
-    _, test, _ = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=8))
+    _, test, _ = tri(DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=8)))
     assert len(set(test.labels[:8].tolist())) >= 3
-    _, again, _ = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=8))
+    _, again, _ = tri(DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=8)))
     assert again.files == test.files and torch.equal(again.labels, test.labels)
     assert all(Path(f).parent.name == "abcd"[y] for f, y in pairs(test))  # labels moved with their files
 
@@ -138,51 +143,147 @@ def _cfg(name: str, root: Path | str, **kw: object) -> DataConfig:
     return DataConfig(name=name, root=str(root), **kw)
 
 
-def _same(a: tuple, b: tuple) -> None:
-    for s, t in zip(a[:2], b[:2]):
+def image(split, i: int) -> torch.Tensor:
+    """Image ``i`` as evaluation reads it: float ``[0,1]``, after the transforms (image files)."""
+    return tensors(split, torch.tensor([i]))[0][0]
+
+
+def tri(s: Splits) -> tuple:
+    """A loader's ``(train, test, classes)``."""
+    assert s.val is None  # no loader here has an official validation split
+    return s.train, s.test, s.classes
+
+
+def _caltech(cfg: DataConfig, per_class: int) -> Splits:
+    return datasets._files(partial(imagefiles.caltech256, per_class=per_class))(cfg)
+
+
+def _same(a: Splits, b: Splits) -> None:
+    for s, t in zip(tri(a)[:2], tri(b)[:2]):
         assert torch.equal(s.labels, t.labels)
         assert s.files == t.files
         assert (s.pixels is None and t.pixels is None) or torch.equal(s.pixels, t.pixels)
-    assert a[2] == b[2]
+    assert a.classes == b.classes
+
+
+# ----------------------------------------------------------------------------- checksums and IDX files
+
+
+def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = embedded.data_dir() / "mnist"
+    dest = tmp_path / "mnist"
+    dest.mkdir()
+    for f in embedded.CHECKSUMS["mnist"]:
+        (dest / f).symlink_to(src / f)
+    embedded.verify(dest / "t10k-labels-idx1-ubyte", embedded.CHECKSUMS["mnist"]["t10k-labels-idx1-ubyte"])  # control
+    bad = dest / "t10k-labels-idx1-ubyte"
+    bad.unlink()
+    shutil.copyfile(src / "t10k-labels-idx1-ubyte", bad)
+    raw = bytearray(bad.read_bytes())
+    raw[5000] ^= 0x01  # one flipped bit in one label
+    bad.write_bytes(bytes(raw))
+    monkeypatch.setenv("ADVTRANSFER_DATA", str(tmp_path))
+    assert embedded.data_dir() == tmp_path
+    with pytest.raises(UserError, match="checksum mismatch.*t10k-labels-idx1-ubyte"):
+        load_splits(DataConfig(name="mnist"))
+    assert embedded.sha256(src / "t10k-labels-idx1-ubyte") == embedded.CHECKSUMS["mnist"]["t10k-labels-idx1-ubyte"]
+
+
+def _idx(shape: tuple[int, ...], values: np.ndarray | None = None) -> bytes:
+    n = int(np.prod(shape))
+    body = (np.arange(n) % 256).astype(np.uint8) if values is None else values.astype(np.uint8).ravel()
+    header = bytes([0, 0, 0x08, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape)
+    return header + body.tobytes()
+
+
+def test_read_idx_valid_raw_and_gz(tmp_path: Path) -> None:
+    raw = _idx((3, 2, 4))
+    (tmp_path / "a-idx3-ubyte").write_bytes(raw)
+    (tmp_path / "a-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
+        arr = read_idx(tmp_path / name)
+        assert arr.shape == (3, 2, 4) and arr.dtype == np.uint8
+        assert arr.ravel().tolist() == list(range(24))
+    labels = tmp_path / "l-idx1-ubyte"
+    labels.write_bytes(_idx((5,), np.array([3, 1, 4, 1, 5])))
+    assert read_idx(labels).tolist() == [3, 1, 4, 1, 5]
+
+
+@pytest.mark.parametrize(
+    "mangle, pattern",
+    [
+        (lambda b: b[:-1], "truncated or corrupt"),
+        (lambda b: b[:20], "truncated or corrupt"),
+        (lambda b: b + b"\x00", "truncated or corrupt"),  # trailing bytes are corruption too
+        (lambda b: b"\x00\x00\x0d" + b[3:], "bad magic"),  # float IDX, not unsigned byte
+        (lambda b: b"\x01" + b[1:], "bad magic"),
+        (lambda b: b[:5], "bad magic"),
+        (lambda b: b"", "bad magic"),
+    ],
+)
+def test_read_idx_rejects(tmp_path: Path, mangle, pattern: str) -> None:
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(mangle(_idx((3, 2, 4))))
+    with pytest.raises(UserError, match=pattern):
+        read_idx(path)
+
+
+def test_read_idx_bad_gzip(tmp_path: Path) -> None:
+    path = tmp_path / "x-idx3-ubyte.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="cannot read IDX"):
+        read_idx(path)
+    path.write_bytes(gzip.compress(_idx((3, 2, 4)))[:-12])  # cut inside the stream
+    with pytest.raises(UserError, match="cannot read IDX"):
+        read_idx(path)
+
+
+def test_real_file_truncated(tmp_path: Path) -> None:
+    src = embedded.data_dir() / "mnist" / "t10k-labels-idx1-ubyte"
+    path = tmp_path / src.name
+    path.write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(UserError, match="header says 10008 bytes, file has 9908"):
+        read_idx(path)
 
 
 # ----------------------------------------------------------------------------- CIFAR
 
 
 def test_registry_names() -> None:
-    assert set(DATASETS) == {"cifar10", "cifar100", "imagefolder", "caltech256", "cub200", "stanford-dogs"}
+    disk = {"cifar10", "cifar100", "imagefolder", "caltech256", "cub200", "stanford-dogs"}
+    assert set(DATASETS) == {"mnist", "fashion-mnist"} | disk
 
 
 def test_cifar10_reads_python_batches(tmp_path: Path) -> None:
     _make_cifar10(tmp_path)
     out = DATASETS["cifar10"](_cfg("cifar10", tmp_path))
-    train, test, classes = out
+    train, test, classes = tri(out)
     assert classes[:3] == ["airplane", "automobile", "bird"] and len(classes) == 10
     assert len(train) == 10 and len(test) == 3
     assert train.pixels.dtype == torch.uint8 and train.pixels.shape == (10, 3, 32, 32)
     assert train.labels.dtype == torch.int64
     assert train.labels.tolist() == [(b + i) % 10 for b in range(1, 6) for i in range(2)]
-    img = train.load(1)  # batch 1, image 1: R = 11
+    img = image(train, 1)  # batch 1, image 1: R = 11
     assert img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
     assert img[0, 0, 0] == pytest.approx(11 / 255) and img[0, 0, 1] == pytest.approx(1.0)
     assert img[1, 5, 5] == pytest.approx(100 / 255) and img[2, 31, 31] == pytest.approx(200 / 255)
-    x, y = test.tensors()
+    x, y = tensors(test)
     assert x.shape == (3, 3, 32, 32) and y.tolist() == [0, 1, 2]
     _same(out, DATASETS["cifar10"](_cfg("cifar10", tmp_path)))
 
 
 def test_cifar10_root_may_be_the_batches_folder(tmp_path: Path) -> None:
     d = _make_cifar10(tmp_path)
-    train, test, _ = DATASETS["cifar10"](_cfg("cifar10", d))
+    train, test, _ = tri(DATASETS["cifar10"](_cfg("cifar10", d)))
     assert (len(train), len(test)) == (10, 3)
 
 
 def test_cifar100_fine_labels(tmp_path: Path) -> None:
     _make_cifar100(tmp_path)
-    train, test, classes = DATASETS["cifar100"](_cfg("cifar100", tmp_path))
+    train, test, classes = tri(DATASETS["cifar100"](_cfg("cifar100", tmp_path)))
     assert len(classes) == 100 and classes[99] == "fine99"
     assert train.labels.tolist() == [99, 98, 97, 96] and test.labels.tolist() == [99, 98]
-    assert train.pixels.shape == (4, 3, 32, 32) and train.load(2)[0, 0, 0] == pytest.approx(2 / 255)
+    assert train.pixels.shape == (4, 3, 32, 32) and image(train, 2)[0, 0, 0] == pytest.approx(2 / 255)
 
 
 def test_cifar_missing_without_download(tmp_path: Path) -> None:
@@ -201,7 +302,7 @@ def test_cifar_download_goes_through_torchvision(tmp_path: Path, monkeypatch: py
         _make_cifar100(Path(root))
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", fake)
-    train, _, _ = DATASETS["cifar100"](_cfg("cifar100", tmp_path, download=True))
+    train, _, _ = tri(DATASETS["cifar100"](_cfg("cifar100", tmp_path, download=True)))
     assert calls == [(str(tmp_path), True)] and len(train) == 4
     DATASETS["cifar100"](_cfg("cifar100", tmp_path, download=True))  # present now: no second download
     assert len(calls) == 1
@@ -276,21 +377,21 @@ def test_imagefolder_class_folders(tmp_path: Path) -> None:
     _make_folders(tmp_path)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     out = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=16))
-    train, test, classes = out
+    train, test, classes = tri(out)
     assert classes == ["cat", "dog"]
     assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
     assert pairs(train)[0] == (str(tmp_path / "train" / "cat" / "0.png"), 0)
-    img = train.load(train.files.index(str(tmp_path / "train" / "cat" / "0.png")))
+    img = image(train, train.files.index(str(tmp_path / "train" / "cat" / "0.png")))
     assert img.shape == (3, 16, 16) and torch.allclose(img[0], torch.ones(16, 16)) and img[1].max() == 0
-    x, y = test.tensors()
+    x, y = tensors(test)
     assert x.shape == (2, 3, 16, 16) and x.min() >= 0 and x.max() <= 1 and y.dtype == torch.int64
     _same(out, DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, image_size=16)))
 
 
 def test_imagefolder_default_size_is_224(tmp_path: Path) -> None:
     _make_folders(tmp_path)
-    train, _, _ = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path))
-    assert train.image_size == 224 and train.load(0).shape == (3, 224, 224)
+    train, _, _ = tri(DATASETS["imagefolder"](_cfg("imagefolder", tmp_path)))
+    assert train.image_size == 224 and image(train, 0).shape == (3, 224, 224)
 
 
 @pytest.mark.parametrize(
@@ -336,18 +437,18 @@ GOOD_LINES = [
 def test_imagefolder_split_file(tmp_path: Path) -> None:
     split_file = _make_split_file(tmp_path, GOOD_LINES)
     out = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(split_file), image_size=8))
-    train, test, classes = out
+    train, test, classes = tri(out)
     assert classes == ["birds", "fish"]
     assert pairs(train) == [(str(tmp_path / "birds/b c.png"), 0), (str(tmp_path / "fish/b.png"), 1)]
     assert sorted(test.labels.tolist()) == [0, 1]
-    assert train.load(1).shape == (3, 8, 8) and train.load(1)[2].min() == 1
+    assert image(train, 1).shape == (3, 8, 8) and image(train, 1)[2].min() == 1
     # a relative split file is found under the root too
     _same(out, DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file="splits.txt", image_size=8)))
 
 
 def test_imagefolder_split_file_numeric_names_when_folders_do_not_name_classes(tmp_path: Path) -> None:
     split_file = _make_split_file(tmp_path, ["birds/a.png 0 train", "fish/a.png 0 train", "fish/b.png 1 test"])
-    _, _, classes = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(split_file)))
+    _, _, classes = tri(DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(split_file))))
     assert classes == ["0", "1"]
 
 
@@ -357,7 +458,7 @@ def test_imagefolder_split_file_numeric_names_when_folders_do_not_name_classes(t
         ("fish/a.png 1", r"line 2: expected 3 fields"),
         ("fish/a.png one train", r"line 2: 'one' is not an integer"),
         ("fish/a.png -1 train", r"line 2: label -1 out of range"),
-        ("fish/a.png 1 val", r"line 2: unknown split 'val'"),
+        ("fish/a.png 1 dev", r"line 2: unknown split 'dev'"),
         ("fish/missing.png 1 test", r"missing .*fish/missing.png"),
         ("birds/a.png 0 test", r"line 2: birds/a.png already listed on line 1"),
         ("fish/a.png 2 test", r"labels must be 0..2 without gaps; 1 has no image"),
@@ -374,6 +475,92 @@ def test_imagefolder_missing_split_file(tmp_path: Path) -> None:
     _make_split_file(tmp_path, GOOD_LINES)
     with pytest.raises(UserError, match="missing .*nope.txt"):
         DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file="nope.txt"))
+
+
+def _split_dict() -> dict[str, dict[str, int]]:
+    return {"train": {"fish/b.png": 1, "birds/b c.png": 0}, "val": {"birds/a.png": 0}, "test": {"fish/a.png": 1}}
+
+
+@pytest.mark.parametrize("form", ["text", "json", "folder"])
+def test_split_file_forms_with_val(tmp_path: Path, form: str) -> None:
+    """The three forms give the same splits; a listed val split is used instead of carving one (n_val ignored)."""
+    _make_split_file(tmp_path, [])
+    if form == "text":
+        lines = [f"{rel} {y} {part}" for part, d in _split_dict().items() for rel, y in d.items()]
+        (tmp_path / "split.txt").write_text("\n".join(lines) + "\n")
+        path = tmp_path / "split.txt"
+    elif form == "json":
+        path = tmp_path / "split.json"
+        path.write_text(json.dumps(_split_dict()))
+    else:
+        path = tmp_path / "vpt"
+        path.mkdir()
+        for part, d in _split_dict().items():
+            (path / f"{part}.json").write_text(json.dumps(d))
+    raw = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(path), image_size=8))
+    assert raw.classes == ["birds", "fish"]
+    assert pairs(raw.train) == [(str(tmp_path / "birds/b c.png"), 0), (str(tmp_path / "fish/b.png"), 1)]
+    assert pairs(raw.val) == [(str(tmp_path / "birds/a.png"), 0)] and pairs(raw.test) == [
+        (str(tmp_path / "fish/a.png"), 1)
+    ]
+    s = load_splits(_cfg("imagefolder", tmp_path, split_file=str(path), image_size=8, n_val=5000))
+    assert (len(s.train), len(s.val), len(s.test)) == (2, 1, 1) and s.val.files == raw.val.files
+    assert s.notes == ["data: validation split from data.split_file (1 images); data.n_val ignored"]
+
+
+def test_split_file_without_val_is_carved(tmp_path: Path) -> None:
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({k: v for k, v in _split_dict().items() if k != "val"}))
+    _make_split_file(tmp_path, [])
+    s = load_splits(_cfg("imagefolder", tmp_path, split_file=str(path), n_val=1))
+    assert (len(s.train), len(s.val), len(s.test)) == (1, 1, 1) and s.notes == []
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"split.json": "{not json"}, r"cannot read .*split.json: JSONDecodeError"),
+        ({"split.json": '{"train": {}, "dev": {}}'}, r"split.json must map train, test \(and optionally val\)"),
+        ({"split.json": '{"train": [], "test": {}}'}, r"split.json train must be an object"),
+        ({"split.json": '{"train": {"fish/a.png": "1"}, "test": {}}'}, r"'fish/a.png': label '1' out of range"),
+        ({"split.json": '{"train": {"fish/a.png": true}, "test": {}}'}, r"label True out of range"),
+        (
+            {"split.json": '{"train": {"fish/a.png": 0}, "test": {"fish/a.png": 0}}'},
+            r"fish/a.png already listed in train",
+        ),
+        ({"split.json": '{"train": {"fish/no.png": 0}, "test": {}}'}, r"missing .*fish/no.png"),
+        ({"vpt/train.json": '{"fish/a.png": 0}', "vpt/val.json": "{}"}, r"missing .*vpt/test.json"),
+    ],
+)
+def test_split_file_json_errors(tmp_path: Path, files: dict[str, str], expected: str) -> None:
+    _make_split_file(tmp_path, [])
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    split = "vpt" if "vpt/train.json" in files else "split.json"  # relative: found under the root
+    with pytest.raises(UserError, match=expected) as e:
+        DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=split))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["caltech256", "cub200", "stanford-dogs"])
+def test_split_file_for_named_datasets(tmp_path: Path, name: str) -> None:
+    """Paths in a split file are relative to the dataset's image folder; classes are its folders, prefixes stripped."""
+    if name == "caltech256":
+        images = _make_caltech(tmp_path)
+    elif name == "cub200":
+        images = _make_cub(tmp_path) / "images"
+    else:
+        images = _make_dogs(tmp_path) / "Images"
+    folders = sorted(d.name for d in images.iterdir() if d.is_dir())[:2]
+    files = [sorted(p.relative_to(images).as_posix() for p in (images / d).glob("*.jpg"))[:2] for d in folders]
+    split = {"train": {files[0][0]: 0, files[1][0]: 1}, "val": {files[0][1]: 0}, "test": {files[1][1]: 1}}
+    (tmp_path / "vpt").mkdir()
+    for part, d in split.items():
+        (tmp_path / "vpt" / f"{part}.json").write_text(json.dumps(d))
+    raw = DATASETS[name](_cfg(name, tmp_path, split_file=str(tmp_path / "vpt")))
+    assert raw.classes == [re.sub(r"^(\d+\.|n\d+-)", "", f) for f in folders]
+    assert pairs(raw.val) == [(str(images / files[0][1]), 0)] and len(raw.train) == 2 and len(raw.test) == 1
 
 
 def test_load_splits_end_to_end(tmp_path: Path) -> None:
@@ -396,30 +583,30 @@ def _make_caltech(root: Path, n: int = 5) -> Path:
 
 def test_caltech256_per_class_split(tmp_path: Path) -> None:
     cats = _make_caltech(tmp_path)
-    out = datasets_disk.load_caltech256(_cfg("caltech256", tmp_path, image_size=8), per_class=3)
-    train, test, classes = out
+    out = _caltech(_cfg("caltech256", tmp_path, image_size=8), per_class=3)
+    train, test, classes = tri(out)
     assert classes == ["ak47", "american-flag"]  # clutter excluded
     assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(test.labels.tolist()) == [0, 0, 1, 1]
     assert not set(train.files) & set(test.files) and len(set(train.files) | set(test.files)) == 10
     assert train.files != sorted(train.files)  # held in a fixed shuffled order, not class by class
-    assert train.load(3)[0].mean() == pytest.approx(200 / 255, abs=3 / 255)
-    _same(out, datasets_disk.load_caltech256(_cfg("caltech256", cats, image_size=8), per_class=3))
+    assert image(train, 3)[0].mean() == pytest.approx(200 / 255, abs=3 / 255)
+    _same(out, _caltech(_cfg("caltech256", cats, image_size=8), per_class=3))
     # the choice in one class does not move when another class gains images
     _img(cats / "002.american-flag" / "002_0099.jpg", (200, 0, 0))
-    again = datasets_disk.load_caltech256(_cfg("caltech256", tmp_path, image_size=8), per_class=3)
-    assert again[0].files[:3] == train.files[:3]
+    again = _caltech(_cfg("caltech256", tmp_path, image_size=8), per_class=3)
+    assert again.train.files[:3] == train.files[:3]
 
 
 def test_caltech256_default_needs_more_than_60_per_class(tmp_path: Path) -> None:
     _make_caltech(tmp_path)
-    assert datasets_disk.CALTECH_TRAIN_PER_CLASS == 60
+    assert imagefiles.CALTECH_TRAIN_PER_CLASS == 60
     with pytest.raises(UserError, match="001.ak47 has 5 images; the split needs more than 60"):
         DATASETS["caltech256"](_cfg("caltech256", tmp_path))
 
 
 def test_caltech256_default_split_counts(tmp_path: Path) -> None:
     _make_caltech(tmp_path, n=62)
-    train, test, _ = DATASETS["caltech256"](_cfg("caltech256", tmp_path))
+    train, test, _ = tri(DATASETS["caltech256"](_cfg("caltech256", tmp_path)))
     assert (len(train), len(test)) == (120, 4) and train.labels.bincount().tolist() == [60, 60]
 
 
@@ -457,11 +644,11 @@ def _make_cub(root: Path) -> Path:
 def test_cub200_official_split(tmp_path: Path) -> None:
     base = _make_cub(tmp_path)
     out = DATASETS["cub200"](_cfg("cub200", tmp_path, image_size=8))
-    train, test, classes = out
+    train, test, classes = tri(out)
     assert classes == ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]
     assert sorted(train.labels.tolist()) == [0, 1, 2] and sorted(test.labels.tolist()) == [0, 1, 2]
     assert pairs(train)[0] == (str(base / "images/001.Black_footed_Albatross/Black_footed_Albatross_0000_1.jpg"), 0)
-    x, y = train.tensors()
+    x, y = tensors(train)
     assert x.shape == (3, 3, 8, 8)
     for img, label in zip(x, y.tolist()):  # class c (1-based) was drawn with red 40 c
         assert img[0].mean() == pytest.approx(40 * (label + 1) / 255, abs=3 / 255)
@@ -532,19 +719,19 @@ def test_stanford_dogs_official_lists(tmp_path: Path) -> None:
     pytest.importorskip("scipy")
     _make_dogs(tmp_path)
     out = DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path, image_size=8))
-    train, test, classes = out
+    train, test, classes = tri(out)
     assert classes == ["Chihuahua", "Japanese_spaniel"]
     assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
     assert pairs(train)[0] == (str(tmp_path / "Images/n02085620-Chihuahua/n02085620_100.jpg"), 0)
     for i, label in enumerate(test.labels.tolist()):  # breed c (0-based) was drawn with blue 60 + 100 c
-        assert test.load(i)[2].mean() == pytest.approx((60 + 100 * label) / 255, abs=3 / 255)
+        assert image(test, i)[2].mean() == pytest.approx((60 + 100 * label) / 255, abs=3 / 255)
     _same(out, DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path, image_size=8)))
 
 
 def test_stanford_dogs_lists_subfolder(tmp_path: Path) -> None:
     pytest.importorskip("scipy")
     _make_dogs(tmp_path, lists_dir="lists")
-    train, test, _ = DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path))
+    train, test, _ = tri(DATASETS["stanford-dogs"](_cfg("stanford-dogs", tmp_path)))
     assert (len(train), len(test)) == (4, 2)
 
 
@@ -588,7 +775,7 @@ def test_cifar_fixture_reads_as_torchvision_reads_it(
     cls = getattr(torchvision.datasets, tv_class)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
-    train, test, classes = DATASETS[name](_cfg(name, tmp_path))
+    train, test, classes = tri(DATASETS[name](_cfg(name, tmp_path)))
     for ours, is_train in ((train, True), (test, False)):
         ref = cls(str(tmp_path), train=is_train, download=False)
         assert torch.equal(ours.pixels, torch.from_numpy(ref.data).permute(0, 3, 1, 2))
