@@ -1,21 +1,16 @@
-"""A timm backbone behind its own preprocessing, and safe checkpoint I/O.
+"""A timm backbone behind its own preprocessing: ``Classifier``, ``ModelSpec`` (what rebuilds it), ``build``.
 
 ``Classifier`` takes ``[0,1]`` images at their native resolution; its first layers repeat grey channels
 if the backbone wants RGB, resize to the backbone's input size and normalise with the weights' own
 mean/std. So an attack's ε is always in pixel units of the data, never of a normalised or resized copy.
 
-Checkpoints we write are safetensors with a JSON metadata entry ``advtransfer`` (architecture + kwargs,
-mean/std, classes, method, how it was trained). Foreign ``.pt/.pth`` state dicts (e.g. ARES-style robust
-timm checkpoints) are read only through ``torch.load(weights_only=True)``: a pickle that would run code is
-refused. Missing, unexpected and shape-mismatched keys are reported by name, never ignored.
+Checkpoint files are read and written in ``checkpoints.py``.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +19,9 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import UserError
-
-META_KEY = "advtransfer"
 
 
 class Classifier(nn.Module):
@@ -162,7 +153,7 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
     return Classifier(backbone, spec.mean, spec.std, tuple(spec.input_size), in_chans)
 
 
-# ----------------------------------------------------------------------------- writing
+# ----------------------------------------------------------------------------- atomic writes
 
 
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) ...
@@ -195,133 +186,3 @@ def atomic_write(path: Path, write: Any, all_ranks: bool = False) -> None:
         if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
-
-
-def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU tensors that safetensors accepts: one that shares memory with another (tied weights)
-    or is a view into a larger storage is cloned; the others are written without a copy."""
-    out, seen = {}, set()
-    for k, v in state.items():
-        v = v.detach().cpu()
-        storage = v.untyped_storage()
-        whole = v.is_contiguous() and v.storage_offset() == 0 and storage.nbytes() == v.numel() * v.element_size()
-        if not whole or (storage.nbytes() and storage.data_ptr() in seen):
-            v = v.clone(memory_format=torch.contiguous_format)
-        elif storage.nbytes():
-            seen.add(storage.data_ptr())
-        out[k] = v
-    return out
-
-
-def save_checkpoint(model: Classifier, spec: ModelSpec, path: Path) -> None:
-    """Model weights + spec metadata as one safetensors file, written atomically."""
-    state = plain_tensors(model.state_dict())
-    meta = {META_KEY: json.dumps(spec.__dict__)}
-    atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_spec(path: Path) -> ModelSpec:
-    """The metadata of one of our checkpoints."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint: {path} is not a readable safetensors file ({e})") from None
-    if META_KEY not in meta:
-        raise UserError(f"checkpoint: {path} has no advtransfer metadata (not written by advtransfer)")
-    try:
-        fields = json.loads(meta[META_KEY])
-        return ModelSpec(**fields)
-    except (ValueError, TypeError) as e:  # not JSON, not a mapping, or keys ModelSpec does not have
-        raise UserError(f"checkpoint: {path} has unreadable advtransfer metadata ({e})") from None
-
-
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or, safely, ``.pt/.pth`` (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint: file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"checkpoint: {path} is truncated or not safetensors ({e})") from None
-    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
-        raise UserError(f"checkpoint: unsupported file type {path.suffix!r} (use .safetensors, .pt or .pth)")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
-        raise UserError(f"checkpoint: {path} refused: it needs unsafe unpickling ({first[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint: {path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
-    return unwrap_state_dict(obj, path)
-
-
-def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Find the tensor dict inside common wrappers ({'state_dict': ...}, {'model': ...}, DDP 'module.')."""
-    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint: {path} holds no state dict of tensors")
-    for prefix in ("module.", "model.", "backbone."):
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return obj
-
-
-def _names(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_keys(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], path: Path, skip: set[str]) -> None:
-    """Raise ``UserError`` naming missing, unexpected and shape-mismatched keys (``skip`` is exempt)."""
-    missing = [k for k in target if k not in source and k not in skip]
-    unexpected = [k for k in source if k not in target and k not in skip]
-    shapes = [
-        f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target
-        if k in source and k not in skip and source[k].shape != target[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {_names(shapes, 3)}")
-    if problems:
-        raise UserError(f"checkpoint: {path} does not fit the model — " + "; ".join(problems))
-
-
-def load_backbone_weights(model: Classifier, path: Path) -> None:
-    """Load source weights into ``model.backbone``, except the classifier head (it belongs to the target task)."""
-    source = read_state(path)
-    if any(k.startswith("backbone.") for k in source):  # one of ours: drop the preprocessing buffers
-        source = {k[len("backbone.") :]: v for k, v in source.items() if k.startswith("backbone.")}
-    target = model.backbone.state_dict()
-    head_prefix = model.head_name + "."
-    head = {k for k in (*target, *source) if k.startswith(head_prefix)}
-    check_keys(target, source, path, skip=head)
-    state = {k: v for k, v in source.items() if k not in head}
-    model.backbone.load_state_dict(state, strict=False)
-
-
-def load_classifier(path: Path) -> tuple[Classifier, ModelSpec]:
-    """Rebuild a whole trained model (backbone, method, head) from one of our checkpoints."""
-    from .methods import apply_method
-
-    spec = read_spec(path)
-    model = build(spec)
-    apply_method(model, spec.method["name"], spec.method.get("options", {}))
-    state = read_state(path)
-    check_keys(model.state_dict(), state, Path(path), skip=set())
-    model.load_state_dict(state)
-    return model.eval(), spec

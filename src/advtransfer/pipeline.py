@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,21 +26,13 @@ from safetensors.torch import save_file
 
 from . import distributed as D
 from .attacks import Threat
+from .checkpoints import check_keys, load_backbone_weights, read_spec, read_state
 from .config import Init, RunConfig, to_dict
 from .data import Splits, load_splits
 from .errors import UserError
 from .evaluate import evaluate
 from .methods import apply_method, count
-from .models import (
-    Classifier,
-    ModelSpec,
-    atomic_write,
-    build,
-    check_keys,
-    load_backbone_weights,
-    read_spec,
-    read_state,
-)
+from .models import Classifier, ModelSpec, atomic_write, build
 from .train import Stage, fit
 
 try:
@@ -253,14 +246,16 @@ def source_spec(cfg: RunConfig, splits: Splits) -> ModelSpec:
     )  # fmt: skip
 
 
-def make_model(cfg: RunConfig, spec: ModelSpec, seed: int) -> Classifier:
-    """Build the backbone (seeded head), load source weights, then apply the spec's method."""
+def make_model(cfg: RunConfig, spec: ModelSpec, seed: int, log: Callable[[str], None] | None = None) -> Classifier:
+    """Build the backbone (seeded head), load source weights (``log``: what was mapped), then apply the method."""
     torch.manual_seed(seed)
     model = build(spec, pretrained=cfg.model.pretrained and not cfg.model.checkpoint)
     if spec.num_classes < 2:
         raise UserError(f"data: need at least 2 classes, got {spec.num_classes}")
     if cfg.model.checkpoint:
-        load_backbone_weights(model, Path(cfg.model.checkpoint))
+        notes = load_backbone_weights(model, Path(cfg.model.checkpoint))
+        if log is not None and notes:
+            log(f"source {cfg.model.checkpoint}: " + "; ".join(notes))
     return apply_method(model, spec.method["name"], spec.method["options"]).to(D.device())
 
 
@@ -349,7 +344,7 @@ def run_stage(
     resume: bool,
     head_from: Path | None,
 ) -> tuple[Classifier, dict]:
-    model = make_model(cfg, spec, cfg.seed)
+    model = make_model(cfg, spec, cfg.seed, log)
     if head_from is not None:
         load_head(model, head_from)
         log(f"RoLI: head loaded from {head_from}")

@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .attacks import Threat, autocast, pgd, uniform_start
+from .checkpoints import plain_tensors, save_checkpoint
 from .config import Objective, Optimizer, TrainConfig
 from .data import Split, batches
 from .errors import RunError, UserError
-from .models import Classifier, ModelSpec, atomic_write, plain_tensors, save_checkpoint
+from .models import Classifier, ModelSpec, atomic_write
 
 
 class Interrupted(Exception):
