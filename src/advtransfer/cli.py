@@ -73,9 +73,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: clean / PGD / AutoAttack, ε sweeps, sanity flags",
-        description="Evaluate one of our checkpoints on a dataset's test split.",
+        description="Evaluate a checkpoint on a dataset's test split: one of ours, or with --backbone a foreign file "
+        "(a state dict, a timm .pth.tar, a RobustBench Sequential(normaliser, model), ARES 2.0), read without "
+        "running pickle code.",
     )
-    p.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors checkpoint")
+    p.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors, or a foreign file with --backbone")
+    p.add_argument("--backbone", default="", help="timm name of a foreign file's architecture (it has no metadata)")
+    p.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="with --backbone: timm kwargs, e.g. img_size=28")
+    p.add_argument("--num-classes", type=int, default=0, help="with --backbone: head size (default: the file's)")
+    p.add_argument("--mean", default="", help="with --backbone, if the file has no normaliser: e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", default="", help="with --backbone, if the file has no normaliser: e.g. 0.229,0.224,0.225")
     p.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
     p.add_argument("--root", default="", help="dataset folder for disk datasets")
     p.add_argument(
@@ -144,7 +151,7 @@ def _kv(items: list[str]) -> dict:
     out = {}
     for it in items:
         if "=" not in it:
-            raise UserError(f"methods: expected KEY=VALUE, got {it!r}")
+            raise UserError(f"expected KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
         try:
             out[k] = yaml.safe_load(v)
@@ -171,25 +178,40 @@ def cmd_run(args, pretrain: bool = False) -> None:
     print(json.dumps({k: card[k] for k in ("method", "init", "clean_acc", "pgd_acc", "autoattack_acc", "n_eval")}))
 
 
+def _eval_model(args):
+    """(model, spec, notes) for ``eval``: ours from its metadata, a foreign file from ``--backbone`` and its kwargs."""
+    from .checkpoints import load_classifier, load_foreign
+    from .models import ModelSpec
+
+    if not args.backbone:
+        if args.kwargs or args.num_classes or args.mean or args.std:
+            raise UserError("eval: KEY=VALUE kwargs, --num-classes, --mean and --std go with --backbone")
+        return (*load_classifier(Path(args.checkpoint)), [])
+    try:
+        mean, std = ([float(v) for v in text.split(",")] if text else [] for text in (args.mean, args.std))
+    except ValueError:
+        raise UserError(f"eval: --mean/--std need comma-separated numbers, got {args.mean!r}/{args.std!r}") from None
+    return load_foreign(Path(args.checkpoint), ModelSpec(args.backbone, _kv(args.kwargs), args.num_classes, mean, std))
+
+
 def cmd_eval(args) -> None:
     import torch
 
     from .config import DataConfig, parse_eps
     from .data import load_splits
     from .evaluate import evaluate, sweep
-    from .models import load_classifier
     from .pipeline import write_json
 
-    for name in ("n", "pgd_steps", "pgd_restarts", "batch_size"):
-        if getattr(args, name) < (0 if name == "n" else 1):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"eval: {flag} must be >= {0 if name == 'n' else 1}, got {getattr(args, name)}")
+    for name in ("n", "pgd_steps", "pgd_restarts", "batch_size", "num_classes"):
+        least = 0 if name in ("n", "num_classes") else 1
+        if getattr(args, name) < least:
+            raise UserError(f"eval: --{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     eps_list = [parse_eps(e) for e in args.eps.split(",") if e.strip()]
     if not eps_list or any(e < 0 for e in eps_list) or max(eps_list) <= 0:
         raise UserError(f"eval: --eps needs values >= 0 and at least one > 0, got {args.eps!r}")
     if args.norm == "Linf" and max(eps_list) > 1:
         raise UserError(f"eval: --eps must be <= 1 for Linf (pixels are in [0,1]), got {args.eps!r}")
-    model, spec = load_classifier(Path(args.checkpoint))
+    model, spec, notes = _eval_model(args)
     splits = load_splits(DataConfig(name=args.data, root=args.root, n_test=args.n, n_val=0))
     if splits.num_classes != spec.num_classes:
         raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {args.data} has {splits.num_classes}")
@@ -211,6 +233,8 @@ def cmd_eval(args) -> None:
     masks = res.pop("masks")
     label = "" if args.version == "standard" else " (custom, NON-STANDARD)"
     print(f"{args.checkpoint} on {args.data} test, n={res['n']}, eps={args.eps.split(',')[-1]} {args.norm}")
+    if notes:
+        print("  weights: " + "; ".join(notes))
     for k in ("clean", "pgd", "autoattack"):
         if k in res:
             print(f"  {k:<11}{res[k] * 100:6.2f} %" + (label if k == "autoattack" else ""))
@@ -238,7 +262,8 @@ def cmd_eval(args) -> None:
 
         masks = {k: v.to(torch.uint8) for k, v in masks.items()}
         atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
-        write_json(out / "eval.json", {"checkpoint": args.checkpoint, "data": args.data, "eps_arg": args.eps, **res})
+        meta = {"checkpoint": args.checkpoint, "weights": notes, "data": args.data, "eps_arg": args.eps}
+        write_json(out / "eval.json", {**meta, **res})
 
 
 def cmd_methods(args) -> None:
