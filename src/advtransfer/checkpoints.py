@@ -215,8 +215,7 @@ def read_source(path: Path) -> Source:
     """Read any supported weights file and peel its wrappers down to the backbone's keys (no model needed)."""
     path = Path(path)
     state, notes = _read(path)
-    meta = _metadata(path)
-    src = Source(state, notes=notes, spec=read_spec(path) if META_KEY in meta else None)
+    src = Source(state, notes=notes, spec=read_spec(path) if META_KEY in _metadata(path) else None)
     while True:
         norm = _normaliser(src.state)
         if norm is not None and src.mean is None:
@@ -319,7 +318,8 @@ def load_foreign(path: Path, spec: ModelSpec) -> tuple[Classifier, ModelSpec, li
     """
     path, src = Path(path), read_source(path)
     if src.mean is None and not spec.mean:
-        raise UserError(f"checkpoint: {path} carries no mean/std (no normaliser): give them (eval: --mean/--std)")
+        hint = "give them (eval: --mean/--std; ARES models use ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225)"
+        raise UserError(f"checkpoint: {path} carries no mean/std (no normaliser): {hint}")
     if src.mean is not None and spec.mean:
         given, found = torch.tensor([spec.mean, spec.std]), torch.tensor([src.mean, src.std])
         if given.shape != found.shape or not torch.allclose(given, found, atol=1e-6):
