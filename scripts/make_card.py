@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from advtransfer.checkpoints import load_classifier
 from advtransfer.config import DataConfig
 from advtransfer.data import load_splits, tensors
 from advtransfer.evaluation import evaluate
-from advtransfer.models import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SUBSET, N_AA_SUBSET = 500, 100

@@ -187,9 +187,19 @@ def main(root: str, wall: str) -> None:
     for m in ("linear", "full", "lora"):
         r = pick(cs, "robust", m, "ranli", "natural")
         if r:
-            kept.append((m, statistics.mean(c["pgd_acc"] for c in r.values()), statistics.mean(c["clean_acc"] for c in r.values())))
+            kept.append(
+                (
+                    m,
+                    statistics.mean(c["pgd_acc"] for c in r.values()),
+                    statistics.mean(c["clean_acc"] for c in r.values()),
+                )
+            )
     best = max(kept, key=lambda t: t[1]) if kept else ("—", 0, 0)
-    verdict = "reproduced" if len(kept) > 1 and best[0] == "linear" else ("not testable" if len(kept) < 2 else "not reproduced")
+    verdict = (
+        "reproduced"
+        if len(kept) > 1 and best[0] == "linear"
+        else ("not testable" if len(kept) < 2 else "not reproduced")
+    )
     lines += [f"2. **Linear probing best preserves the inherited robustness — {verdict}.** Rule: finetuning the robust source with the *natural* objective (no attack), the linear probe keeps the highest PGD-10 accuracy of the methods run that way. PGD-10 / clean: "
               + ", ".join(f"{m} {100 * p:.1f} / {100 * c:.1f}" for m, p, c in kept) + ".", ""]  # fmt: skip
     pts = rep.get("transfer_points", [])

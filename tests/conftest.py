@@ -12,11 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from advtransfer.models import Classifier, ModelSpec, build, save_checkpoint
+from advtransfer.checkpoints import save_checkpoint
+from advtransfer.models import Classifier, ModelSpec, build
 
 torch.set_num_threads(int(os.environ.get("ADVTRANSFER_TEST_THREADS", "1")))
 
 TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def tiny(seed: int, num_classes: int = 10, **kwargs) -> Classifier:
+    """The tiny ViT (``TINY_VIT`` updated with ``kwargs``), seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return build(ModelSpec("vit_tiny_patch16_224", {**TINY_VIT, **kwargs}, num_classes)).eval()
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
+from advtransfer.checkpoints import read_state
 from advtransfer.cli import main
-from advtransfer.models import read_state
 
 pytestmark = pytest.mark.skipif(not shutil.which("g++"), reason="inductor on CPU needs a C++ compiler")
 

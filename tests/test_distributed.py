@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from advtransfer.models import ModelSpec, build, read_state, save_checkpoint
+from advtransfer.checkpoints import read_state, save_checkpoint
+from advtransfer.models import ModelSpec, build
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 

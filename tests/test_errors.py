@@ -35,8 +35,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from advtransfer import embedded, models, train
+from advtransfer.checkpoints import save_checkpoint
 from advtransfer.cli import main
-from advtransfer.models import ModelSpec, build, save_checkpoint
+from advtransfer.models import ModelSpec, build
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 BASE = {

@@ -21,10 +21,11 @@ from torch import nn
 
 from advtransfer import methods
 from advtransfer.attacks import Threat, pgd
+from advtransfer.checkpoints import load_classifier, save_checkpoint
 from advtransfer.config import TrainConfig
 from advtransfer.errors import UserError
 from advtransfer.methods import METHODS, TUNERS, apply_method, count, merge_tuners, method_table, trainable
-from advtransfer.models import ModelSpec, build, load_classifier, save_checkpoint
+from advtransfer.models import ModelSpec, build
 from advtransfer.pipeline import head_prefix, load_head
 from advtransfer.train import make_optimizer, train_step
 

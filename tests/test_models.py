@@ -1,44 +1,18 @@
-"""The Classifier's preprocessing, checkpoints (safe formats only) and foreign-weight loading that names keys."""
+"""The Classifier's preprocessing (channel repeat, resize, normalise), its build, patchify stems, atomic writes."""
 
 from __future__ import annotations
 
 import copy
-import os
-import pickle
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VIT
-from safetensors.torch import save_file
+from conftest import TINY_VIT, tiny
 
+from advtransfer.checkpoints import load_classifier, save_checkpoint
 from advtransfer.errors import UserError
-from advtransfer.methods import apply_method
-from advtransfer.models import (
-    Classifier,
-    ModelSpec,
-    atomic_write,
-    build,
-    is_convnet,
-    load_backbone_weights,
-    load_classifier,
-    patchify_as_matmul,
-    read_spec,
-    read_state,
-    save_checkpoint,
-)
-
-
-def _spec(num_classes: int = 10, **kwargs) -> ModelSpec:
-    return ModelSpec("vit_tiny_patch16_224", {**TINY_VIT, **kwargs}, num_classes)
-
-
-def _built(seed: int, num_classes: int = 10, **kwargs) -> Classifier:
-    torch.manual_seed(seed)
-    return build(_spec(num_classes, **kwargs)).eval()
-
+from advtransfer.models import Classifier, ModelSpec, atomic_write, build, is_convnet, patchify_as_matmul
 
 # ----------------------------------------------------------------------------- build and forward
 
@@ -120,7 +94,7 @@ def test_convnets_are_built_channels_last(tmp_path: Path) -> None:
     from advtransfer.config import TrainConfig
     from advtransfer.train import load_state, make_optimizer, make_scheduler, save_state
 
-    assert not is_convnet(_built(0).backbone)  # a ViT: its patchify stem does not count
+    assert not is_convnet(tiny(0).backbone)  # a ViT: its patchify stem does not count
 
     def resnet() -> tuple[Classifier, ModelSpec]:
         torch.manual_seed(0)
@@ -194,219 +168,6 @@ def test_build_errors() -> None:
         build(ModelSpec("vit_tiny_patch16_224", {**TINY_VIT, "no_such_kwarg": 1}, 10))
     with pytest.raises(UserError, match="mean/std need 1 values"):
         build(ModelSpec("vit_tiny_patch16_224", dict(TINY_VIT), 10, mean=[0.5, 0.5], std=[0.5, 0.5]))
-
-
-# ----------------------------------------------------------------------------- our checkpoints
-
-
-@pytest.mark.parametrize("method, options", [("full", {}), ("lora", {"rank": 2})])
-def test_checkpoint_round_trip(tmp_path: Path, method: str, options: dict) -> None:
-    spec = _spec()
-    spec.mean, spec.std = [0.25], [0.75]
-    torch.manual_seed(0)
-    model = build(spec)
-    apply_method(model, method, options)
-    spec.method = {"name": method, "options": options}
-    spec.classes = [str(i) for i in range(10)]
-    spec.trained = {"dataset": "mnist", "eps": "8/255"}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # LoRA B is zero at init: make every tensor matter
-    path = tmp_path / "ck.safetensors"
-    save_checkpoint(model, spec, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]  # no temp file left behind
-    assert read_spec(path) == spec
-    loaded, spec2 = load_classifier(path)
-    assert spec2 == spec and not loaded.training
-    x = torch.rand(4, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model.eval()(x))
-    assert loaded.mean.flatten().tolist() == [0.25]
-
-
-def test_read_spec_needs_our_metadata(tmp_path: Path) -> None:
-    path = tmp_path / "plain.safetensors"
-    save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(UserError, match="no advtransfer metadata"):
-        read_spec(path)
-
-
-@pytest.mark.parametrize(
-    "meta, pattern",
-    [
-        ("{not json", "unreadable advtransfer metadata"),
-        ("[1, 2]", "unreadable advtransfer metadata"),
-        ('{"backbone": "vit_tiny_patch16_224", "bogus_field": 1}', "unreadable advtransfer metadata.*bogus_field"),
-    ],
-)
-def test_read_spec_bad_metadata(tmp_path: Path, meta: str, pattern: str) -> None:
-    path = tmp_path / "odd.safetensors"
-    save_file({"w": torch.zeros(2)}, str(path), metadata={"advtransfer": meta})
-    with pytest.raises(UserError, match=pattern):
-        read_spec(path)
-
-
-# ----------------------------------------------------------------------------- foreign weights
-
-
-def _assert_backbone_loaded(target: Classifier, source: Classifier, head_before: dict) -> None:
-    src = source.backbone.state_dict()
-    for k, v in target.backbone.state_dict().items():
-        if k.startswith("head."):
-            assert torch.equal(v, head_before[k]), f"{k}: head must not be loaded"
-        else:
-            assert torch.equal(v, src[k]), f"{k} was not loaded"
-
-
-def _head(model: Classifier) -> dict:
-    return {k: v.clone() for k, v in model.backbone.state_dict().items() if k.startswith("head.")}
-
-
-def test_load_from_our_safetensors_skips_head(tmp_path: Path) -> None:
-    source, spec = _built(1, num_classes=5), _spec(5)
-    build(spec)  # fills mean/std/input size into the spec
-    path = tmp_path / "src.safetensors"
-    save_checkpoint(source, spec, path)
-    target = _built(2, num_classes=10)
-    head = _head(target)
-    assert not torch.equal(target.backbone.pos_embed, source.backbone.pos_embed)
-    load_backbone_weights(target, path)
-    _assert_backbone_loaded(target, source, head)
-
-
-@pytest.mark.parametrize(
-    "wrap",
-    [
-        lambda sd: sd,
-        lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}},
-        lambda sd: {"model": sd, "epoch": 3},
-    ],
-    ids=["plain", "state_dict+module", "model"],
-)
-def test_load_from_pth(tmp_path: Path, wrap) -> None:
-    source = _built(1, num_classes=1000)
-    path = tmp_path / "src.pth"
-    torch.save(wrap(source.backbone.state_dict()), path)
-    target = _built(2)
-    head = _head(target)
-    load_backbone_weights(target, path)
-    _assert_backbone_loaded(target, source, head)
-
-
-def test_load_headless_source(tmp_path: Path) -> None:
-    """A feature-extractor checkpoint (no head at all) loads: the head is skipped, not required."""
-    source = _built(1, num_classes=0)
-    assert not any(k.startswith("head.") for k in source.backbone.state_dict())
-    path = tmp_path / "feat.pth"
-    torch.save(source.backbone.state_dict(), path)
-    target = _built(2)
-    head = _head(target)
-    load_backbone_weights(target, path)
-    _assert_backbone_loaded(target, source, head)
-
-
-@pytest.mark.parametrize(
-    "edit, pattern",
-    [
-        (lambda sd: sd.pop("blocks.1.mlp.fc2.weight"), r"missing keys: blocks\.1\.mlp\.fc2\.weight"),
-        (lambda sd: sd.update({"blocks.2.norm1.weight": torch.ones(32)}), r"unexpected keys: blocks\.2\.norm1\.weight"),
-        (
-            lambda sd: sd.update({"pos_embed": torch.zeros(1, 10, 32)}),
-            r"shape mismatch: pos_embed \(1, 10, 32\) vs \(1, 17, 32\)",
-        ),
-    ],
-    ids=["missing", "unexpected", "shape"],
-)
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_key_problems_are_named(tmp_path: Path, edit, pattern: str, suffix: str) -> None:
-    sd = dict(_built(1).backbone.state_dict())
-    edit(sd)
-    path = tmp_path / f"bad{suffix}"
-    if suffix == ".pth":
-        torch.save(sd, path)
-    else:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    target = _built(2)
-    before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(UserError, match=pattern):
-        load_backbone_weights(target, path)
-    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing half-loaded
-
-
-def test_wrong_architecture_lists_many(tmp_path: Path) -> None:
-    path = tmp_path / "wide.pth"
-    torch.save(_built(1, embed_dim=48, num_heads=2).backbone.state_dict(), path)
-    with pytest.raises(UserError, match=r"shape mismatch: .*\(\+\d+ more\)"):
-        load_backbone_weights(_built(2), path)
-
-
-class _Touch:
-    """A pickle whose loading runs a shell command that creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
-
-
-class _Open:
-    """A pickle whose loading opens (creates) a marker file for writing, no shell involved."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-@pytest.mark.parametrize("payload", [_Touch, _Open])
-@pytest.mark.parametrize("fmt", ["torch-zip", "raw-pickle"])
-def test_malicious_pth_is_refused(tmp_path: Path, payload, fmt: str) -> None:
-    marker = tmp_path / "PWNED"
-    obj = {"state_dict": {"pos_embed": torch.zeros(1)}, "extra": payload(marker)}
-    path = tmp_path / "evil.pth"
-    if fmt == "torch-zip":
-        torch.save(obj, path)
-    else:
-        with open(path, "wb") as f:
-            pickle.dump(obj, f, protocol=2)
-    assert not marker.exists()
-    with pytest.raises(UserError, match="refused: it needs unsafe unpickling"):
-        load_backbone_weights(_built(0), path)
-    with pytest.raises(UserError, match="refused"):
-        read_state(path)
-    assert not marker.exists(), "the pickle ran code"
-
-
-def test_truncated_files(tmp_path: Path, tiny_vit: Classifier, tiny_spec: ModelSpec) -> None:
-    build(tiny_spec)
-    good = tmp_path / "good.safetensors"
-    save_checkpoint(tiny_vit, tiny_spec, good)
-    raw = good.read_bytes()
-    for cut in (len(raw) // 2, len(raw) - 1, 40, 4):
-        bad = tmp_path / "cut.safetensors"
-        bad.write_bytes(raw[:cut])
-        with pytest.raises(UserError, match="checkpoint: .*cut.safetensors"):
-            load_backbone_weights(_built(1), bad)
-        with pytest.raises(UserError, match="checkpoint: .*cut.safetensors"):
-            load_classifier(bad)
-    pth = tmp_path / "cut.pth"
-    torch.save(tiny_vit.backbone.state_dict(), pth)
-    pth.write_bytes(pth.read_bytes()[:1000])
-    with pytest.raises(UserError, match="truncated or corrupt"):
-        load_backbone_weights(_built(1), pth)
-
-
-def test_read_state_other_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="file not found"):
-        read_state(tmp_path / "nope.pth")
-    (tmp_path / "w.npz").write_bytes(b"x")
-    with pytest.raises(UserError, match="unsupported file type '.npz'"):
-        read_state(tmp_path / "w.npz")
-    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
-    with pytest.raises(UserError, match="no state dict of tensors"):
-        read_state(tmp_path / "meta.pth")
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from advtransfer.checkpoints import read_state
 from advtransfer.cli import main
-from advtransfer.models import read_state
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 FAST = [

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from advtransfer import train
+from advtransfer.checkpoints import save_checkpoint
 from advtransfer.cli import main
-from advtransfer.models import ModelSpec, build, save_checkpoint
+from advtransfer.models import ModelSpec, build
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 TIMING = {"seconds"}  # wall-clock fields: the only ones allowed to differ
@@ -288,8 +289,8 @@ def test_overwrite_replaces_a_finished_run_without_reusing_its_state(tmp_path, r
 
 def test_tensors_sharing_storage_are_saved_and_resumed(tmp_path):
     """Tied weights and views: safetensors refuses shared tensors, so both writers store plain copies."""
+    from advtransfer.checkpoints import read_state
     from advtransfer.config import TrainConfig
-    from advtransfer.models import read_state
     from advtransfer.train import load_state, make_optimizer, make_scheduler, save_state
 
     def tied() -> torch.nn.Module:

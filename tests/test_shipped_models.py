@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from advtransfer.checkpoints import load_classifier
 from advtransfer.config import DataConfig
 from advtransfer.data import load_splits, tensors
 from advtransfer.evaluation import evaluate
-from advtransfer.models import load_classifier
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TOL = 0.015

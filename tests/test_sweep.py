@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
+from advtransfer.checkpoints import save_checkpoint
 from advtransfer.cli import main
 from advtransfer.errors import UserError
-from advtransfer.models import ModelSpec, build, save_checkpoint
+from advtransfer.models import ModelSpec, build
 from advtransfer.sweep import cores, execute, expand, load_grid, run_sweep, write_slurm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,33 +1,30 @@
-"""Every read and write of weights: our safetensors checkpoints (full or compact), foreign formats, the RoLI head,
-and the resume state (model, optimiser, scheduler, every RNG).
+"""Our checkpoints and resume state: safetensors checkpoints (full or compact), whole models back from them or from a
+foreign file (``weightfiles.py`` reads any file safely), the RoLI head, and the resume state (model, optimiser,
+scheduler, every RNG).
 
 Our checkpoints are safetensors with a JSON metadata entry ``advtransfer`` (the ``ModelSpec``). A *compact*
 checkpoint (linear probing and PEFT: the backbone never changes) holds only the trainable tensors and the buffers of
 modules that train, plus the source checkpoint's path and SHA-256: reloading rebuilds the source model, applies the
-method and loads them — exact, and refused when the source file changed. Foreign ``.pt/.pth`` files are read only
-through ``torch.load(weights_only=True)``; keys, shapes and dtypes are checked, never ignored.
+method and loads them — exact, and refused when the source file changed.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 
-from .datasets import sha256
+from .embedded import sha256
 from .errors import UserError
 from .methods import apply_method
 from .models import Classifier, ModelSpec, build
 from .rundir import atomic_write
-
-META_KEY = "advtransfer"
+from .weightfiles import META_KEY, check_keys, load_backbone_weights, load_foreign, metadata, read_spec, read_state
 
 
 def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,98 +65,6 @@ def save_checkpoint(model: Classifier, spec: ModelSpec, path: Path, only: list[s
     atomic_write(path, lambda tmp: save_file(plain_tensors(state), tmp, metadata=meta))
 
 
-def _metadata(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"checkpoint: {path} is not a readable safetensors file ({e})") from None
-
-
-def read_spec(path: Path) -> ModelSpec:
-    """The metadata of one of our checkpoints; a malformed field is a one-line ``UserError`` naming it."""
-    meta = _metadata(Path(path))
-    if META_KEY not in meta:
-        raise UserError(f"checkpoint: {path} has no advtransfer metadata (not written by advtransfer)")
-    return ModelSpec.parse(meta[META_KEY], f"checkpoint: {path} metadata")
-
-
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or, safely, ``.pt/.pth`` (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint: file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"checkpoint: {path} is truncated or not safetensors ({e})") from None
-    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
-        raise UserError(f"checkpoint: unsupported file type {path.suffix!r} (use .safetensors, .pt or .pth)")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
-        raise UserError(f"checkpoint: {path} refused: it needs unsafe unpickling ({first[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint: {path} is truncated or corrupt ({str(e).splitlines()[0][:120]})") from None
-    return unwrap_state_dict(obj, path)
-
-
-def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Find the tensor dict inside common wrappers ({'state_dict': ...}, {'model': ...}, DDP 'module.')."""
-    for key in ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint: {path} holds no state dict of tensors")
-    for prefix in ("module.", "model.", "backbone."):
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return obj
-
-
-def _names(keys: list[str], limit: int = 5) -> str:
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_keys(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], path: Path, skip: set[str]) -> None:
-    """Raise ``UserError`` naming missing, unexpected, shape- and kind-mismatched keys (``skip`` is exempt).
-    An integer tensor where a float weight belongs (or the reverse) is refused, never silently cast."""
-    both = [k for k in target if k in source and k not in skip]
-    missing = [k for k in target if k not in source and k not in skip]
-    extra = [k for k in source if k not in target and k not in skip]
-    shapes = [
-        f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}" for k in both if source[k].shape != target[k].shape
-    ]
-    kinds = [
-        f"{k} is {source[k].dtype}, expected {target[k].dtype}"
-        for k in both
-        if source[k].is_floating_point() != target[k].is_floating_point()
-    ]
-    groups = (
-        ("missing keys", missing, 5),
-        ("unexpected keys", extra, 5),
-        ("shape mismatch", shapes, 3),
-        ("dtype mismatch", kinds, 3),
-    )
-    found = [f"{what}: {_names(keys, n)}" for what, keys, n in groups if keys]
-    if found:
-        raise UserError(f"checkpoint: {path} does not fit the model — " + "; ".join(found))
-
-
-def load_backbone_weights(model: Classifier, path: Path) -> None:
-    """Load source weights into ``model.backbone``, except the classifier head (it belongs to the target task)."""
-    source = read_state(path)
-    if any(k.startswith("backbone.") for k in source):  # one of ours: drop the preprocessing buffers
-        source = {k[len("backbone.") :]: v for k, v in source.items() if k.startswith("backbone.")}
-    target = model.backbone.state_dict()
-    head = {k for k in (*target, *source) if k.startswith(model.head_name + ".")}
-    check_keys(target, source, path, skip=head)
-    model.backbone.load_state_dict({k: v for k, v in source.items() if k not in head}, strict=False)
-
-
 def source_of(path: Path) -> dict:
     """What a compact checkpoint records about its source file: the path and its SHA-256."""
     return {"source": str(Path(path).resolve()), "source_sha256": sha256(Path(path))}
@@ -168,7 +73,7 @@ def source_of(path: Path) -> dict:
 def load_classifier(path: Path) -> tuple[Classifier, ModelSpec]:
     """Rebuild a whole trained model (backbone, method, head) from one of our checkpoints, full or compact."""
     path = Path(path)
-    spec, compact = read_spec(path), json.loads(_metadata(path).get("compact", "false"))
+    spec, compact = read_spec(path), json.loads(metadata(path).get("compact", "false"))
     model = build(spec)
     if compact:
         src = Path(spec.trained.get("source", ""))
@@ -182,6 +87,16 @@ def load_classifier(path: Path) -> tuple[Classifier, ModelSpec]:
     check_keys({k: target[k] for k in state} if compact else target, state, path, skip=set())
     model.load_state_dict(state, strict=not compact)
     return model.eval(), spec
+
+
+def load_checkpoint(path: Path, backbone: str = "", num_classes: int = 0, mean=(), std=(), kwargs: dict | None = None):
+    """(model, spec, notes) of any weights file: ours from its metadata, a foreign one as ``backbone`` (+ kwargs)."""
+    if not backbone:
+        if kwargs or mean or std:
+            raise UserError("eval: backbone kwargs, --mean and --std go with --backbone (a file without our metadata)")
+        return (*load_classifier(path), [])
+    spec = ModelSpec(backbone, dict(kwargs or {}), num_classes, mean=list(mean), std=list(std))
+    return load_foreign(Path(path), spec)
 
 
 def load_head(model: Classifier, path: Path) -> None:
@@ -238,7 +153,7 @@ def save_state(path: Path, model, opt, sched, progress: dict, only: list[str] | 
 def load_state(path: Path, model, opt, sched) -> dict:
     """Restore what ``save_state`` wrote; a damaged or foreign state file is a ``UserError``."""
     try:
-        meta = json.loads(_metadata(Path(path))["state"])
+        meta = json.loads(metadata(Path(path))["state"])
         tensors = load_file(str(path))
     except (UserError, SafetensorError, OSError, KeyError, ValueError) as e:
         raise UserError(f"resume: {path} is damaged ({type(e).__name__}); start again with --overwrite") from None
@@ -246,7 +161,7 @@ def load_state(path: Path, model, opt, sched) -> dict:
         model_part = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
         result = model.load_state_dict(model_part, strict=False)
         if result.unexpected_keys or (result.missing_keys and not meta.get("compact")):
-            raise KeyError(f"model tensors differ: {_names(result.unexpected_keys or result.missing_keys)}")
+            raise KeyError(f"model tensors differ: {(result.unexpected_keys or result.missing_keys)[:5]}")
         state: dict[int, dict] = {}
         for k, v in tensors.items():
             if k.startswith("optim/"):

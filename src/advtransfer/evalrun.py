@@ -37,6 +37,7 @@ def eval_checkpoint(
     seed: int = 0,
     out: str = "",
     backbone: str = "",
+    kwargs: dict | None = None,
     num_classes: int = 0,
     mean: Sequence[float] = (),
     std: Sequence[float] = (),
@@ -58,7 +59,7 @@ def eval_checkpoint(
         raise UserError(f"eval: --eps must be <= 1 for Linf (pixels are in [0,1]), got {eps!r}")
     splits = load_splits(DataConfig(name=data, root=root, n_test=n, n_val=0))
     model, spec, notes = load_checkpoint(
-        Path(checkpoint), backbone=backbone, num_classes=num_classes or splits.num_classes, mean=mean, std=std
+        Path(checkpoint), backbone=backbone, num_classes=num_classes, kwargs=kwargs, mean=mean, std=std
     )
     for note in notes:
         print(f"checkpoint: {note}")

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from . import distributed as D
 from .attacks import Threat
-from .checkpoints import compact_keys, load_backbone_weights, load_head, read_spec, read_state, source_of
+from .checkpoints import compact_keys, load_head, source_of
 from .config import Init, RunConfig, probe_problems, to_dict
 from .configfile import load_config
 from .data import load_splits, worker_count
@@ -41,6 +41,7 @@ from .rundir import (
 )
 from .track import Tracker
 from .train import Stage, fit
+from .weightfiles import load_backbone_weights, read_spec, read_state
 
 
 def source_spec(cfg: RunConfig, splits: Splits) -> tuple[ModelSpec, str]:
@@ -85,14 +86,16 @@ def source_spec(cfg: RunConfig, splits: Splits) -> tuple[ModelSpec, str]:
     return spec, origin if mean else f"timm's default for {backbone}"
 
 
-def make_model(cfg: RunConfig, spec: ModelSpec, seed: int) -> Classifier:
-    """Build the backbone (seeded head), load source weights, then apply the spec's method."""
+def make_model(cfg: RunConfig, spec: ModelSpec, seed: int, log=None) -> Classifier:
+    """Build the backbone (seeded head), load source weights (``log`` gets what was mapped), apply the method."""
     torch.manual_seed(seed)
     model = build(spec, pretrained=cfg.model.pretrained and not cfg.model.checkpoint)
     if spec.num_classes < 2:
         raise UserError(f"data: need at least 2 classes, got {spec.num_classes}")
     if cfg.model.checkpoint:
-        load_backbone_weights(model, Path(cfg.model.checkpoint))
+        notes = load_backbone_weights(model, Path(cfg.model.checkpoint))
+        if log is not None and notes:
+            log(f"source {cfg.model.checkpoint}: " + "; ".join(notes))
     if torch.cuda.is_available():  # cuDNN autotuning pays off for ConvNets' many fixed-shape convolutions
         torch.backends.cudnn.benchmark = is_convnet(model)
     return apply_method(model, spec.method["name"], spec.method["options"]).to(D.device())
@@ -108,7 +111,7 @@ def run_stage(
     head_from: Path | None = None,
 ) -> tuple[Classifier, dict]:
     """Train one stage with the ``section`` settings ("train" or "probe"); return its best model and progress."""
-    model = make_model(cfg, spec, cfg.seed)
+    model = make_model(cfg, spec, cfg.seed, rd.log)
     if head_from is not None:
         load_head(model, head_from)
         rd.log(f"RoLI: head loaded from {head_from}")
