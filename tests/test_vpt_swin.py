@@ -223,7 +223,13 @@ def test_pgd_and_training_go_through_the_prompts(tmp_path):
 
 @pytest.mark.parametrize(
     "options,match",
-    [({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"num_prompts": -1}, "num_prompts")],
+    [
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"num_prompts": -1}, "num_prompts"),
+        ({"num_prompts": 2.5}, "num_prompts"),
+        ({"dropout": "0.1"}, "dropout"),
+    ],
 )
 def test_bad_options_are_user_errors(options, match):
     with pytest.raises(UserError, match=match):

@@ -12,16 +12,15 @@ parameters have ``requires_grad=False`` so autograd never does work for them.
 | lora    | LoRA factors (peft) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2   | yes (B = 0)      |
 | peft    | a peft tuner (``tuner`` option, see below)                  | yes (see below)  |
 | adapter | bottleneck residual after each block's MLP (up = 0)         | yes              |
-| vpt     | prompt tokens after the class token (shallow or deep)       | no: prompts join attention |
+| vpt     | prompt tokens in attention (ViT, Swin), shallow or deep     | no: prompts join attention |
 
 VPT cannot be the identity at init: its prompt tokens take part in every softmax attention. Its
-tests check instead that the base tokens are untouched with zero prompts and that prompts are dropped
-before the head.
+tests check instead that with zero prompts the model is unchanged, and where prompts go (``vpt``).
 
-Where methods apply: every method works on timm ViTs; on Swin and ConvNeXt all but ``vpt`` (needs a
-``VisionTransformer``); on ResNets ``linear``, ``full``, ``bias``, ``lora`` and the conv-capable tuners
-(targets ``conv1/conv2/conv3``), not ``adapter`` (no MLP) nor ``vpt``. Where a method does not apply it
-raises ``UserError``.
+Where methods apply: every method works on timm ViTs and Swins; on ConvNeXt all but ``vpt`` (needs a
+``VisionTransformer`` or ``SwinTransformer``); on ResNets ``linear``, ``full``, ``bias``, ``lora`` and the
+conv-capable tuners (targets ``conv1/conv2/conv3``), not ``adapter`` (no MLP) nor ``vpt``. Where a method does
+not apply it raises ``UserError``.
 
 peft tuners (``TUNERS``), injected in place with ``peft.inject_adapter_in_model`` on the targets
 (default: the transformer linears, else the ResNet convs). Each was checked (``tests/test_methods.py``) to be
@@ -314,7 +313,16 @@ class Prompted(_Prompted):
     ``prompts=None`` passes the previous prompts through (shallow VPT); ``drop``: remove them after the block.
     """
 
-    def __init__(self, block, prompts, n_prefix: int, n_prompts: int, insert: bool, drop: bool, dropout: float = 0.0):
+    def __init__(
+        self,
+        block: nn.Module,
+        prompts: nn.Parameter | None,
+        n_prefix: int,
+        n_prompts: int,
+        insert: bool,
+        drop: bool,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(block, prompts, dropout)
         self.n_prefix, self.n_prompts, self.insert, self.drop = n_prefix, n_prompts, insert, drop
 
@@ -364,7 +372,7 @@ class SwinPrompted(_Prompted):
         self.last = last
         block.attn.__class__ = PromptedWindowAttention
 
-    def forward(self, xp: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, xp: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | tuple:
         x, p = xp if isinstance(xp, tuple) else (xp, None)
         p, blk = (p if self.prompts is None else self.draw(x)), self.block
         blk.attn.prompts = blk.norm1(p)
@@ -387,18 +395,32 @@ class PromptedMerging(nn.Module):
 
 
 def vpt(model: Classifier, num_prompts: int = 10, deep: bool = True, dropout: float = 0.0) -> None:
-    """Visual prompt tuning (Jia et al. 2022), prompts + head train, on a timm ViT or Swin by wrapping its blocks.
+    """Visual prompt tuning (Jia et al. 2022) on a timm ViT or Swin by wrapping its blocks; prompts + head train.
 
-    ViT: prompts after the class token. Swin: prepended, in every window (``SwinPrompted``); deep VPT puts
-    ``num_prompts`` new prompts in every block of every stage. Init uniform ±sqrt(6 / (in_chans·patch² + embed_dim)).
+    Args:
+        num_prompts: prompt tokens per block (deep) or in all (shallow); the paper uses 10 (20 for CUB).
+        deep: new prompts in every block (VPT-Deep), else only before the first block, carried on (shallow).
+        dropout: prompt dropout, per sample, in training only (the paper: 0.1).
+
+    Init uniform ±sqrt(6 / (in_chans·patch² + embed_dim)). ViT: prompts after the class token, dropped after the
+    last block. Swin follows the official VPT-Swin (KMnP/vpt) exactly in: prompts after ``norm1`` join every
+    window's attention (shifted too) with zero relative-position bias and zero shift mask in their rows and
+    columns; their outputs are averaged over the windows and get the block's residual + MLP; deep: every block
+    of every stage has its own (``num_prompts`` x Σ block dims parameters: 120,320 on Swin-B); shallow: carried
+    through patch merging as 2x2 patches of copies; the last block's prompts enter the final norm and average
+    pool. Equivalent, not identical: (1) prompt outputs are averaged over each sample's own windows; the
+    official code averages a (windows, batch) view of batch-major windows, mixing samples when both exceed 1
+    (so deep VPT on Swin-B at 224 px agrees exactly: its last stage has one window); (2) its deep prompts after
+    the first block share one dropout mask across the batch, here each sample draws its own; (3)
+    ``forward_features`` returns the tokens as one NHWC row ``(B, 1, P + H*W, C)``, not ``(B, H, W, C)``.
     """
     bb = model.backbone
     if not isinstance(bb, (vit.VisionTransformer, swin.SwinTransformer)):
         raise UserError(f"method: vpt supports timm VisionTransformer and SwinTransformer, not {type(bb).__name__}")
-    if num_prompts < 0:
-        raise UserError(f"method: vpt num_prompts must be >= 0, got {num_prompts}")
-    if not 0 <= dropout < 1:
-        raise UserError(f"method: vpt dropout must be in [0, 1), got {dropout}")
+    if type(num_prompts) is not int or num_prompts < 0:
+        raise UserError(f"method: vpt num_prompts must be an integer >= 0, got {num_prompts!r}")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise UserError(f"method: vpt dropout must be a number in [0, 1), got {dropout!r}")
     _freeze(model)
     pe = bb.patch_embed.proj
     bound = math.sqrt(6.0 / (pe.in_channels * math.prod(pe.kernel_size) + pe.out_channels))
