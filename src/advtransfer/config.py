@@ -125,6 +125,7 @@ class ModelConfig(Section):
     std: Floats = ()
     input_size: int = Field(0, ge=0)  # resize inputs to this inside the model (0 = the backbone's own size)
     preprocess: Literal["", "imagenet", "ares", "inception", "clip"] = ""  # the source's mean/std by name
+    head_init: Literal["timm", "kaiming-fan-out"] = "timm"  # a new head's init; the paper: kaiming fan-out, bias -log 99
 
     @field_validator("std")
     @classmethod

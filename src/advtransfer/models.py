@@ -44,6 +44,13 @@ class Classifier(nn.Module):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         return self.backbone((x - self.mean) / self.std)
 
+    def freeze(self) -> None:
+        """Every parameter frozen but the head's (what linear probing trains; other methods add theirs)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+
     @property
     def head(self) -> nn.Module:
         return self.backbone.get_classifier()

@@ -10,6 +10,7 @@ is the final stage's. A run directory holds ``config.yaml`` (resolved), ``env.js
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def make_model(cfg: RunConfig, spec: ModelSpec, seed: int, log=None) -> Classifi
     model = build(spec, pretrained=cfg.model.pretrained and not cfg.model.checkpoint)
     if spec.num_classes < 2:
         raise UserError(f"data: need at least 2 classes, got {spec.num_classes}")
+    if cfg.model.head_init == "kaiming-fan-out":  # the paper's RanLI head: a prior of 1/100 per class
+        torch.nn.init.kaiming_normal_(model.head.weight, mode="fan_out")
+        torch.nn.init.constant_(model.head.bias, -math.log(99))
     if cfg.model.checkpoint:
         notes = load_backbone_weights(model, Path(cfg.model.checkpoint))
         if log is not None and notes:
