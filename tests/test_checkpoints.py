@@ -18,20 +18,13 @@ from conftest import TINY_VIT, tiny
 from safetensors.torch import save_file
 from torch import nn
 
-from advtransfer.checkpoints import (
-    load_backbone_weights,
-    load_classifier,
-    load_foreign,
-    read_source,
-    read_spec,
-    read_state,
-    save_checkpoint,
-)
+from advtransfer.checkpoints import load_classifier, save_checkpoint
 from advtransfer.cli import main
 from advtransfer.config import DataConfig
-from advtransfer.data import load_splits
+from advtransfer.data import load_splits, tensors
 from advtransfer.errors import UserError
-from advtransfer.evaluate import evaluate
+from advtransfer.evaluation import evaluate
+from advtransfer.weightfiles import load_backbone_weights, load_foreign, read_source, read_spec, read_state
 from advtransfer.methods import apply_method
 from advtransfer.models import Classifier, ModelSpec, build
 
@@ -352,7 +345,7 @@ def test_truncated_and_odd_files_are_one_line(tmp_path: Path, tiny_vit: Classifi
 
 def test_eval_scores_a_foreign_pth(tmp_path: Path, capsys) -> None:
     """``eval --backbone`` on a timm .pth.tar (mean/std given) and a RobustBench file (mean/std its own)."""
-    x, y = load_splits(DataConfig(name="mnist", n_val=0, n_test=20)).test.tensors()
+    x, y = tensors(load_splits(DataConfig(name="mnist", n_val=0, n_test=20)).test)
     kwargs = [f"{k}={v}" for k, v in TINY_VIT.items()]
     for make, extra in ((_timm_pth_tar, ["--mean", "0.5", "--std", "0.5"]), (_robustbench, [])):
         path, src, file_mean, _ = make(tmp_path)

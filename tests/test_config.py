@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from pathlib import Path
 
 import pytest
@@ -11,19 +9,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advtransfer.config import (
-    AttackConfig,
-    Init,
-    Norm,
-    Objective,
-    Optimizer,
-    RunConfig,
-    from_dict,
-    load_config,
-    parse_eps,
-    parse_set,
-    to_dict,
-)
+from pydantic import BaseModel
+
+from advtransfer.attacks import Threat
+from advtransfer.config import AttackConfig, Init, Norm, Objective, Optimizer, RunConfig, parse_eps, to_dict
+from advtransfer.configfile import from_dict, load_config, parse_set
 from advtransfer.errors import UserError
 
 
@@ -39,9 +29,9 @@ def _yaml(tmp_path: Path, text: str) -> Path:
 def test_defaults() -> None:
     cfg = load_config()
     assert cfg == RunConfig()
-    assert cfg.attack.eps == "8/255" and cfg.eps == pytest.approx(8 / 255)
+    assert cfg.attack.eps == "8/255" and cfg.attack.eps == pytest.approx(8 / 255)
     assert cfg.attack.norm is Norm.LINF and cfg.attack.steps == 7
-    assert cfg.step_size == pytest.approx(2 / 255)  # default step is eps/4
+    assert Threat.of(cfg.attack).alpha == pytest.approx(2 / 255)  # default step is eps/4
     assert cfg.method.init is Init.RANLI and cfg.train.objective is Objective.AT
     assert (cfg.probe.epochs, cfg.probe.lr, cfg.probe.weight_decay) == (5, 1e-2, 0.0)
     assert cfg.data.n_val == 5000 and cfg.model.kwargs == {} and cfg.method.options == {}
@@ -71,7 +61,7 @@ eval: {aa_attacks: [apgd-ce, apgd-t]}
     assert cfg.model.kwargs == {"depth": 2, "img_size": 28}
     assert cfg.model.mean == (0.5,) and cfg.model.std == (0.25,)
     assert cfg.method.init is Init.ROLI and cfg.method.options == {"rank": 8}
-    assert cfg.attack.norm is Norm.L2 and cfg.attack.eps == "0.5" and cfg.eps == 0.5
+    assert cfg.attack.norm is Norm.L2 and cfg.attack.eps == "0.5" and cfg.attack.eps == 0.5
     assert cfg.train.optimizer is Optimizer.SGD and cfg.train.bf16 is True and cfg.train.epochs == 2
     assert cfg.train.batch_size == 128
     assert cfg.eval.aa_attacks == ("apgd-ce", "apgd-t")
@@ -191,12 +181,12 @@ def test_parse_eps_bad(text: object) -> None:
 
 def test_eps_kept_as_written() -> None:
     cfg = load_config(overrides=["attack.eps=8/255", "attack.step_size=1/255"])
-    assert cfg.attack.eps == "8/255" and cfg.eps == pytest.approx(8 / 255)
-    assert cfg.step_size == pytest.approx(1 / 255)
+    assert cfg.attack.eps == "8/255" and cfg.attack.eps == pytest.approx(8 / 255)
+    assert Threat.of(cfg.attack).alpha == pytest.approx(1 / 255)
     cfg = load_config(overrides=["attack.eps=0.03"])
-    assert cfg.attack.eps == "0.03" and cfg.eps == pytest.approx(0.03)
-    assert cfg.step_size == pytest.approx(0.0075)
-    assert load_config(overrides=["attack.norm=L2", "attack.eps=2"]).eps == 2.0  # L2 may exceed 1
+    assert cfg.attack.eps == "0.03" and cfg.attack.eps == pytest.approx(0.03)
+    assert Threat.of(cfg.attack).alpha == pytest.approx(0.0075)
+    assert load_config(overrides=["attack.norm=L2", "attack.eps=2"]).attack.eps == 2.0  # L2 may exceed 1
 
 
 # ----------------------------------------------------------------------------- errors name the key
@@ -311,14 +301,12 @@ def test_round_trip(tmp_path: Path) -> None:
 
 
 def _paths(cls: type, prefix: str = "") -> list[str]:
-    hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += _paths(tp, f"{prefix}{f.name}.")
+    for name, f in cls.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            out += _paths(f.annotation, f"{prefix}{name}.")
         else:
-            out.append(prefix + f.name)
+            out.append(prefix + name)
     return out
 
 
@@ -361,7 +349,7 @@ def test_fuzz_load_config_overrides(items: list[str]) -> None:
     except UserError:
         return
     assert isinstance(cfg, RunConfig) and isinstance(cfg.attack, AttackConfig)
-    assert 0 < cfg.eps and cfg.attack.steps >= 1  # what validate promises
+    assert 0 < cfg.attack.eps and cfg.attack.steps >= 1  # what validate promises
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
 
 

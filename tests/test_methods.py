@@ -24,9 +24,10 @@ from advtransfer.attacks import Threat, pgd
 from advtransfer.checkpoints import load_classifier, save_checkpoint
 from advtransfer.config import TrainConfig
 from advtransfer.errors import UserError
-from advtransfer.methods import METHODS, TUNERS, apply_method, count, merge_tuners, method_table, trainable
+from advtransfer.methods import METHODS, TUNERS, apply_method, count, method_table, trainable
+from advtransfer.methods.peft_tuners import merge_tuners
 from advtransfer.models import ModelSpec, build
-from advtransfer.pipeline import head_prefix, load_head
+from advtransfer.checkpoints import load_head
 from advtransfer.train import make_optimizer, train_step
 
 # peft's notes on adjusted block sizes, its optional CUDA kernels and RandLoRA's regenerated bases
@@ -78,7 +79,7 @@ IDS = list(VARIANTS)
 # Where a method cannot apply, it must say so with a UserError (never fail obscurely or silently).
 NOT_APPLICABLE = {
     "vit": set(),
-    "swin": {"vpt-shallow", "vpt-deep"},  # windowed attention has no place for prompt tokens
+    "swin": set(),
     "convnext": {"vpt-shallow", "vpt-deep", "peft-fourierft", "peft-randlora"},  # convs; those two are Linear-only
     "resnet": {
         "vpt-shallow",
@@ -224,7 +225,7 @@ def test_paper_bugs_are_caught():
 
     ad, _ = applied("vit", "adapter")
     for mod in ad.modules():
-        if isinstance(mod, methods.Adapter):
+        if isinstance(mod, methods.adapters.Adapter):
             nn.init.zeros_(mod.down.weight)
             nn.init.zeros_(mod.down.bias)
     before = {n: p.detach().clone() for n, p in ad.named_parameters()}
@@ -308,7 +309,7 @@ def test_roli_head_loaded_from_stage1(vid, stage1):
     model, _ = applied("vit", vid, seed=3)
     assert not torch.equal(model.head.weight, head["weight"])
     load_head(model, path)
-    got = {k[len(head_prefix(model)) :]: v for k, v in model.state_dict().items() if k.startswith(head_prefix(model))}
+    got = {k[len(model.head_prefix) :]: v for k, v in model.state_dict().items() if k.startswith(model.head_prefix)}
     assert got.keys() == head.keys()
     for k in head:
         assert torch.equal(got[k], head[k]), k
@@ -342,7 +343,8 @@ def test_other_architectures(arch, vid, tmp_path):
     x, _ = data(arch)
     model, spec, before = trained(arch, vid)
     fresh, _ = applied(arch, vid)
-    torch.testing.assert_close(logits(fresh, x), logits(base, x), rtol=0, atol=1e-6)  # identity at init
+    if not vid.startswith("vpt"):  # prompts join attention: VPT is not the identity at init (its own tests)
+        torch.testing.assert_close(logits(fresh, x), logits(base, x), rtol=0, atol=1e-6)  # identity at init
     assert training_problems(model, before) == []
     save_checkpoint(model, spec, tmp_path / "m.safetensors")
     loaded, _ = load_classifier(tmp_path / "m.safetensors")
@@ -359,7 +361,7 @@ def test_merge_tuners_keeps_logits(arch, vid):
     model, _ = applied(arch, vid)
     with torch.no_grad():
         for n, p in trainable(model):
-            if not n.startswith(head_prefix(model)):
+            if not n.startswith(model.head_prefix):
                 p.add_(0.05 * torch.randn_like(p))  # a non-trivial update to fold in
     x, _ = data(arch)
     ref = logits(model, x)

@@ -12,7 +12,8 @@ from conftest import TINY_VIT, tiny
 
 from advtransfer.checkpoints import load_classifier, save_checkpoint
 from advtransfer.errors import UserError
-from advtransfer.models import Classifier, ModelSpec, atomic_write, build, is_convnet, patchify_as_matmul
+from advtransfer.models import Classifier, ModelSpec, build, is_convnet, patchify_as_matmul
+from advtransfer.rundir import atomic_write
 
 # ----------------------------------------------------------------------------- build and forward
 

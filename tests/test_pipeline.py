@@ -105,13 +105,15 @@ def test_roli_two_stages_and_head_transfer(tmp_path, source):
     # the stage-2 model before training carries exactly the stage-1 best head
     from advtransfer.config import load_config
     from advtransfer.data import load_splits
-    from advtransfer.pipeline import head_prefix, load_head, make_model, source_spec
+    from advtransfer.checkpoints import load_head
+    from advtransfer.configfile import load_config
+    from advtransfer.pipeline import make_model, source_spec
 
     cfg = load_config(out / "config.yaml")
     spec = source_spec(cfg, load_splits(cfg.data))
     model = make_model(cfg, spec, cfg.seed)
     load_head(model, out / "stage1" / "best.safetensors")
-    prefix = head_prefix(model)
+    prefix = model.head_prefix
     stage1 = {k: v for k, v in read_state(out / "stage1" / "best.safetensors").items() if k.startswith(prefix)}
     assert stage1 and all(torch.equal(model.state_dict()[k], v) for k, v in stage1.items())
 

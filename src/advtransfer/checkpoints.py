@@ -101,7 +101,7 @@ def load_checkpoint(path: Path, backbone: str = "", num_classes: int = 0, mean=(
 
 def load_head(model: Classifier, path: Path) -> None:
     """RoLI: copy the classifier head of a stage-1 checkpoint into ``model`` (names and shapes checked)."""
-    prefix = f"backbone.{model.head_name}."
+    prefix = model.head_prefix
     source = {k: v for k, v in read_state(path).items() if k.startswith(prefix)}
     target = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     check_keys(target, source, path, skip=set())

@@ -100,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
     p.add_argument("--root", default="", help="dataset folder for disk datasets")
     p.add_argument("--backbone", default="", help="timm name for a checkpoint without advtransfer metadata")
+    p.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="with --backbone: timm kwargs, e.g. img_size=28")
+    p.add_argument("--num-classes", type=int, default=0, help="with --backbone: head size (0 = the file's)")
     p.add_argument("--mean", default="", help="comma-separated mean for a foreign checkpoint (default: its own)")
     p.add_argument("--std", default="", help="comma-separated std for a foreign checkpoint (default: its own)")
     p.add_argument("--eps", default="8/255", help="eps, or a comma-separated list for a sweep (fractions allowed)")
@@ -233,6 +235,8 @@ def cmd_eval(a) -> None:
         seed=a.seed,
         out=a.out,
         backbone=a.backbone,
+        kwargs=_kv(a.kwargs),
+        num_classes=a.num_classes,
         mean=_floats(a.mean, "--mean"),
         std=_floats(a.std, "--std"),
     )

@@ -93,6 +93,13 @@ def _listed(v: Any) -> Any:
     return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
 
+def _workers(v: Any) -> int | str:
+    """``"auto"`` (min(8, CPUs / processes), see ``data.worker_count``) or a count >= 0 (0 = the main process)."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return v
+    raise ValueError(f"workers must be >= 0 or 'auto', got {v!r}")
+
+
 Floats = Annotated[tuple[float, ...], BeforeValidator(_listed)]
 Strings = Annotated[tuple[str, ...], BeforeValidator(_listed)]
 
@@ -111,7 +118,7 @@ class DataConfig(Section):
     n_train: int = Field(0, ge=0)  # subsample the training split to this many images (0 = all)
     n_val: int = Field(5000, ge=0)  # validation images carved from the training set (deterministic, never test)
     n_test: int = Field(0, ge=0)  # subsample the test split (0 = all)
-    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # loader processes per image-file split
+    workers: Annotated[int | str, BeforeValidator(_workers)] = "auto"  # loader processes per image-file split
     variant: Literal["none", "invert", "rot90", "patch-shuffle"] = "none"  # a far-domain copy of every split
     resample: bool = False  # draw the n_train subset with the run seed (the validation carve-out stays fixed)
 
@@ -125,13 +132,15 @@ class ModelConfig(Section):
     std: Floats = ()
     input_size: int = Field(0, ge=0)  # resize inputs to this inside the model (0 = the backbone's own size)
     preprocess: Literal["", "imagenet", "ares", "inception", "clip"] = ""  # the source's mean/std by name
-    head_init: Literal["timm", "kaiming-fan-out"] = "timm"  # a new head's init; the paper: kaiming fan-out, bias -log 99
+    head_init: Literal["timm", "kaiming-fan-out"] = (
+        "timm"  # a new head's init; the paper: kaiming fan-out, bias -log 99
+    )
 
     @field_validator("std")
     @classmethod
     def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if any(x <= 0 for x in v):
-            raise ValueError(f"must be > 0, got {list(v)}")
+            raise ValueError(f"std must be > 0, got {list(v)}")
         return v
 
 
@@ -217,12 +226,6 @@ class RunConfig(Section):
     probe: TrainConfig = TrainConfig(epochs=5, lr=1e-2, weight_decay=0.0)  # RoLI stage 1 (the linear probe)
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
-
-    @model_validator(mode="after")
-    def _roli(self) -> RunConfig:
-        if self.method.init == Init.ROLI and self.method.name == "linear":
-            raise ValueError("method.init 'roli' needs a finetuning method other than 'linear' (stage 1 is the probe)")
-        return self
 
 
 def to_dict(cfg: BaseModel) -> dict:

@@ -35,7 +35,7 @@ _MESSAGES = {
 
 def _explain(e: ValidationError) -> UserError:
     err = e.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    loc = [str(p) for p in err["loc"] if isinstance(p, str) and p.isidentifier()]  # not union branch tags
     key, kind, ctx, got = ".".join(loc), err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
         names = list(_section(loc[:-1]).model_fields)
@@ -47,10 +47,14 @@ def _explain(e: ValidationError) -> UserError:
     bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<"}.get(kind)
     if bound:
         return UserError(f"config: {key} must be {bound} {next(iter(ctx.values()))}, got {got!r}")
-    if kind == "value_error":  # a section's own check says "eps must be > 0" inside "attack": "attack.eps must ..."
-        text, cls = str(ctx.get("error", err["msg"])), _section(loc)
-        joint = "." if text.split()[0] in cls.model_fields and _section(loc[:-1]) is not cls else ": "
-        return UserError(f"config: {key}{joint if key else ''}{text}")
+    if kind == "value_error":  # our own checks name the field: "eps must be > 0" in section "attack"
+        text = str(ctx.get("error", err["msg"]))
+        first = text.split()[0]
+        if loc and first == loc[-1]:
+            return UserError(f"config: {'.'.join([*loc[:-1], text])}")
+        if first in _section(loc).model_fields:
+            return UserError(f"config: {'.'.join([*loc, text])}")
+        return UserError(f"config: {key}: {text}" if key else f"config: {text}")
     what = _MESSAGES.get(kind.split("_")[0]) or _MESSAGES.get(kind.rsplit("_", 1)[-1]) or err["msg"]
     return UserError(f"config: '{key}' {what}, got {got!r}")
 

@@ -61,8 +61,8 @@ def eval_checkpoint(
     model, spec, notes = load_checkpoint(
         Path(checkpoint), backbone=backbone, num_classes=num_classes, kwargs=kwargs, mean=mean, std=std
     )
-    for note in notes:
-        print(f"checkpoint: {note}")
+    if notes:
+        print("weights: " + "; ".join(notes))
     if splits.num_classes != spec.num_classes:
         raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {data} has {splits.num_classes}")
     check_channels(spec, splits.test.channels)

@@ -56,6 +56,11 @@ class Classifier(nn.Module):
         return self.backbone.get_classifier()
 
     @property
+    def head_prefix(self) -> str:
+        """The head's key prefix in this model's state dict (``backbone.head.``)."""
+        return f"backbone.{self.head_name}."
+
+    @property
     def head_name(self) -> str:
         """The head's module name inside ``backbone`` (``head``, ``head.fc``, ``fc``, ...)."""
         return next(n for n, m in self.backbone.named_modules() if m is self.head)
@@ -125,8 +130,8 @@ class ModelSpec(BaseModel):
     method: dict = {"name": "full", "options": {}}
     trained: dict = {}  # provenance: dataset, objective, eps, epochs, seed, source (+ SHA-256 if compact)
 
-    def __init__(self, backbone: str, kwargs: dict | None = None, num_classes: int = 10, **rest) -> None:
-        super().__init__(backbone=backbone, kwargs=kwargs or {}, num_classes=num_classes, **rest)
+    def __init__(self, backbone: str, kwargs: dict | None = None, num_classes: int = 10, mean=(), std=(), **rest) -> None:
+        super().__init__(backbone=backbone, kwargs=kwargs or {}, num_classes=num_classes, mean=mean, std=std, **rest)
 
     @field_validator("mean", "std")
     @classmethod
@@ -152,7 +157,7 @@ class ModelSpec(BaseModel):
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
             field = ".".join(str(p) for p in err["loc"]) or "spec"
-            raise UserError(f"{where}: field '{field}': {err['msg']}") from None
+            raise UserError(f"{where} has unreadable advtransfer metadata (field '{field}': {err['msg']})") from None
 
 
 def create_backbone(name: str, kwargs: dict, num_classes: int, pretrained: bool = False) -> nn.Module:

@@ -260,6 +260,10 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     that fails on bad input before it saved any training state leaves nothing behind; any other failed run keeps
     its checkpoints and log (so it can be resumed), never a result.json.
     """
+    if cfg.method.init == Init.ROLI and cfg.method.name == "linear":
+        raise UserError(
+            "config: init 'roli' needs a finetuning method other than 'linear' (RoLI's stage 1 is the probe)"
+        )
     out, refused, rd = Path(out), None, None
     if D.is_main():
         try:

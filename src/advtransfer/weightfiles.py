@@ -151,7 +151,7 @@ def read_spec(path: Path) -> ModelSpec:
             f"checkpoint: {path} has no advtransfer metadata (not written by advtransfer): "
             "name its architecture (eval: --backbone NAME [KEY=VALUE ...])"
         )
-    return ModelSpec.parse(meta[META_KEY], f"checkpoint: {path} metadata")
+    return ModelSpec.parse(meta[META_KEY], f"checkpoint: {path}")
 
 
 def _normaliser(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:

@@ -22,7 +22,7 @@ Where methods apply: every method works on timm ViTs and Swins; on ConvNeXt all 
 conv-capable tuners (targets ``conv1/conv2/conv3``), not ``adapter`` (no MLP) nor ``vpt``. Where a method does
 not apply it raises ``UserError``.
 
-The peft tuners, the adapter and VPT live in ``peft_tuners.py``, ``adapter.py`` and ``vpt.py`` beside this file.
+The peft tuners, the adapter and VPT live in ``peft_tuners.py``, ``adapters.py`` and ``prompts.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import Classifier, ModelSpec, build
-from .adapter import adapter
+from .adapters import adapter
 from .peft_tuners import TUNERS, lora, peft_tuner
-from .vpt import vpt
+from .prompts import vpt
 
 
 def linear(model: Classifier) -> None:
