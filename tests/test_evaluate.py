@@ -9,12 +9,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advtransfer import evaluation
-from advtransfer.attacks import Threat, pgd
+from advtransfer import evaluate
+from advtransfer.attacks import Threat, autoattack, clean_correct, pgd
+from advtransfer.checks import autoattack_flags, sweep_flags
 from advtransfer.config import DataConfig
 from advtransfer.data import load_splits, tensors
-from advtransfer.evaluation import autoattack_correct, sweep, sweep_flags
+from advtransfer.evaluation import autoattack_mask, sweep, tensor_batches
 from advtransfer.models import ModelSpec, build
+
+
+def autoattack_correct(model, x, y, *, eps, version="standard", attacks=(), seed=0, batch_size=256, state_path=None):
+    """The AutoAttack mask of examples ``x`` (streamed in batches), from the clean mask, as the evaluation runs it."""
+    k = int(model(x[:1]).shape[1])
+    load = tensor_batches(x, y, batch_size)
+    clean = clean_correct(model, x, y).cpu()
+    return autoattack_mask(
+        model,
+        load,
+        torch.arange(len(x)),
+        clean,
+        eps=eps,
+        norm="Linf",
+        num_classes=k,
+        version=version,
+        attacks=attacks,
+        seed=seed,
+        state_path=state_path,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +135,17 @@ def test_probabilities_train_mode_and_randomness_flagged(natural_mlp, mnist):
 
 
 def test_robust_above_clean_and_eps_sweep_flags(natural_mlp, mnist):
-    from advtransfer.evaluation import result_flags
-
-    assert [f["flag"] for f in result_flags({"clean": 0.5, "pgd": 0.6}, 100)] == ["robust_above_clean"]
-    assert "autoattack_above_pgd" in [
-        f["flag"] for f in result_flags({"clean": 0.9, "pgd": 0.3, "autoattack": 0.6}, 100)
-    ]
+    # robust_above_clean: a model that is right only off the 8-bit grid (tests/test_checks.py builds it)
+    assert "autoattack_above_pgd" in [f["flag"] for f in autoattack_flags(0.3, 0.6, 100)]
     _, (x, y) = mnist
-    good = sweep(natural_mlp, x[:100], y[:100], [0.0, 0.02, 0.05, 0.1])
+    good = sweep(
+        natural_mlp,
+        tensor_batches(x[:100], y[:100], 100),
+        100,
+        Threat(0.1),
+        [0.0, 0.02, 0.05, 0.1],
+        attacks=("clean", "pgd"),
+    )
     accs = [p["pgd"] for p in good["points"]]
     assert accs == sorted(accs, reverse=True) and good["flags"] == []
     rising = [{"eps": 0.0, "pgd": 0.9}, {"eps": 0.1, "pgd": 0.3}, {"eps": 0.2, "pgd": 0.6}]
@@ -164,8 +188,11 @@ def test_autoattack_target_classes_capped_for_few_classes(mnist):
     x5, y5 = x[keep][:20], y[keep][:20]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 5)).eval()
-    mask, x_adv = autoattack_correct(model, x5, y5, eps=0.1, seed=0, batch_size=20)
-    assert mask.shape == (20,) and (x_adv - x5).abs().max() <= 0.1 + 1e-6
+    mask, settings = autoattack_correct(model, x5, y5, eps=0.1, seed=0, batch_size=20)
+    aa, _ = autoattack(model, 0.1, "Linf", 5)
+    assert aa.apgd_targeted.n_target_classes == 4 and aa.fab.n_target_classes == 4
+    x_adv = aa.apgd.perturb(x5, y5)  # APGD-CE alone: its iterates stay in the ball
+    assert mask.shape == (20,) and (x_adv - x5).abs().max() <= 0.1 + 1e-6 and settings["attacks"][1] == "apgd-t"
 
 
 def test_threat_model_at_native_resolution():

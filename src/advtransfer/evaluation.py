@@ -35,7 +35,7 @@ Batches = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, torch.Tensor, to
 
 def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Batches:
     def load(idx: torch.Tensor):
-        for chunk in idx.split(batch_size):
+        for chunk in idx.split(batch_size) if len(idx) else ():
             yield chunk, images[chunk.to(images.device)], labels[chunk.to(labels.device)]
 
     return load
