@@ -230,7 +230,8 @@ def finished_run(ctx: Ctx) -> None:
 
 def resumable_run(ctx: Ctx, **changes) -> list[str]:
     """A run killed after writing its config (so --resume applies), with ``changes`` to its config after."""
-    from advtransfer.config import load_config, to_dict
+    from advtransfer.config import to_dict
+    from advtransfer.configfile import load_config
 
     argv = ctx.run()
     ctx.out.mkdir()

@@ -103,14 +103,13 @@ def test_roli_two_stages_and_head_transfer(tmp_path, source):
     assert top["init"] == "roli" and json.loads((out / "stage1" / "result.json").read_text())["method"] == "linear"
     assert "RoLI: head loaded from" in (out / "log.txt").read_text()
     # the stage-2 model before training carries exactly the stage-1 best head
-    from advtransfer.config import load_config
-    from advtransfer.data import load_splits
     from advtransfer.checkpoints import load_head
     from advtransfer.configfile import load_config
+    from advtransfer.data import load_splits
     from advtransfer.pipeline import make_model, source_spec
 
     cfg = load_config(out / "config.yaml")
-    spec = source_spec(cfg, load_splits(cfg.data))
+    spec, _ = source_spec(cfg, load_splits(cfg.data))
     model = make_model(cfg, spec, cfg.seed)
     load_head(model, out / "stage1" / "best.safetensors")
     prefix = model.head_prefix
@@ -137,7 +136,7 @@ def test_every_subcommand_has_help():
 
 
 def test_resume_keeps_the_first_environment(tmp_path):
-    from advtransfer.pipeline import record_resume
+    from advtransfer.rundir import record_resume
 
     path = tmp_path / "env.json"
     path.write_text(json.dumps({"git_sha": "aaa", "torch": "2.14.1"}))

@@ -290,7 +290,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
 
 def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    env = environment()
+    env = {**environment(), "threads": torch.get_num_threads()}
     if rd.resuming:
         rd.log(f"resuming {out}")
         env = record_resume(out / "env.json", env, rd.log)
