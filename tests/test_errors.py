@@ -34,9 +34,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from advtransfer import embedded, models, train
+from advtransfer import checkpoints, embedded, models, train
 from advtransfer.checkpoints import save_checkpoint
 from advtransfer.cli import main
+from advtransfer.config import to_dict
+from advtransfer.configfile import load_config
 from advtransfer.models import ModelSpec, build
 
 TINY = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -253,6 +255,11 @@ def probe_dir(ctx: Ctx, head_classes: int, method: str = "linear") -> Path:
                      method={"name": method, "options": {}},
                      trained={"source": str(ctx.source), "dataset": "fashion-mnist", "eps": "0.1", "norm": "Linf"})  # fmt: skip
     save_checkpoint(build(spec), spec, d / "best.safetensors")
+    cfg = load_config(base={**json.loads(json.dumps(BASE)), "model": {"checkpoint": str(ctx.source)}})
+    probe = cfg.model_copy(
+        update={"method": cfg.method.model_copy(update={"name": method, "init": "ranli"}), "train": cfg.probe}
+    )
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(probe)))
     return d
 
 
@@ -574,7 +581,7 @@ def test_non_finite_source_weights_are_blamed_not_the_lr(tmp_path, source, monke
 def test_disk_full_simulated_keeps_complete_files(tmp_path, source, monkeypatch, capsys):
     """ENOSPC in the middle of writing the second state: the first one stays whole, the partial one goes."""
     ctx = Ctx(tmp_path, source, monkeypatch)
-    real, calls = train.save_file, []
+    real, calls = checkpoints.save_file, []
 
     def fill_disk(tensors, path, metadata=None):
         calls.append(path)
@@ -583,7 +590,7 @@ def test_disk_full_simulated_keeps_complete_files(tmp_path, source, monkeypatch,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(train, "save_file", fill_disk)
+    monkeypatch.setattr(checkpoints, "save_file", fill_disk)
     error_line(capsys, main(ctx.run()), 1, "disk full", "state.safetensors")
     no_partial_output(ctx.out, fresh_bad_input=False)
     with __import__("safetensors").safe_open(str(ctx.out / "state.safetensors"), "pt") as f:

@@ -64,8 +64,7 @@ def test_embedded_grid_expands_with_probe_reuse(tmp_path):
 
 def test_paper_grid_expands(tmp_path, capsys):
     entries = expand(load_grid(REPO / "configs/paper/grid.yaml"), tmp_path / "paper")
-    assert len(entries) == 2 * 5 * 12 - 5 * 2  # VPT excluded on Swin
-    assert not [e for e in entries if e.cfg.method.name == "vpt" and "swin" in e.cfg.model.backbone]
+    assert len(entries) == 2 * 5 * 12  # VPT on Swin too (prompts in every window, Fig. 1's point)
     assert {e.cfg.data.name for e in entries} == {"cifar10", "cifar100", "caltech256", "cub200", "stanford-dogs"}
     assert {e.cfg.model.backbone for e in entries} == {"swin_base_patch4_window7_224", "vit_base_patch16_224"}
     for e in entries:
@@ -77,8 +76,120 @@ def test_paper_grid_expands(tmp_path, capsys):
             assert e.probe.endswith("__linear__seed0") and e.probe.split("__")[:2] == e.name.split("__")[:2]
     assert main(["sweep", str(REPO / "configs/paper/grid.yaml"), "--out", str(tmp_path / "p"), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "110 runs (0 finished, 110 to run) in 2 phase(s)" in text and "checkpoint(s) not found here" in text
+    assert "120 runs (0 finished, 120 to run) in 2 phase(s)" in text and "checkpoint(s) not found here" in text
     assert not (tmp_path / "p").exists()  # a dry run writes nothing
+
+
+# the official values of shared/paper-settings.md: (dataset, method-label) -> effective learning rate
+PAPER_LR = {
+    "cifar10": {
+        "full-ranli": 1.25e-4,
+        "full-roli": 2.5e-5,
+        "adapter-ranli": 0.0125,
+        "adapter-roli": 0.0125,
+        "lora-ranli": 2.5e-3,
+        "lora-roli": 2.5e-4,
+        "bias-ranli": 1.25e-3,
+        "bias-roli": 1.25e-3,
+        "vpt-ranli": 0.125,
+    },
+    "cifar100": {
+        "full-ranli": 1.25e-4,
+        "full-roli": 2.5e-5,
+        "adapter-ranli": 1.25e-3,
+        "adapter-roli": 0.0125,
+        "lora-ranli": 0.0125,
+        "lora-roli": 2.5e-4,
+        "bias-ranli": 1.25e-3,
+        "bias-roli": 1.25e-3,
+        "vpt-ranli": 0.125,
+    },
+    "caltech256": {
+        "full-ranli": 1.25e-4,
+        "full-roli": 2.5e-5,
+        "adapter-ranli": 1.25e-3,
+        "adapter-roli": 1.25e-4,
+        "lora-ranli": 2.5e-4,
+        "lora-roli": 2.5e-5,
+        "bias-ranli": 2.5e-4,
+        "bias-roli": 2.5e-6,
+        "vpt-ranli": 0.0125,
+    },
+    "cub200": {
+        "full-ranli": 1.25e-4,
+        "full-roli": 2.5e-5,
+        "adapter-ranli": 0.0125,
+        "adapter-roli": 0.0125,
+        "lora-ranli": 1.25e-3,
+        "lora-roli": 1.25e-3,
+        "bias-ranli": 1.25e-3,
+        "bias-roli": 1.25e-4,
+        "vpt-ranli": 0.0125,
+    },
+    "stanford-dogs": {
+        "full-ranli": 1.25e-4,
+        "full-roli": 1.25e-5,
+        "adapter-ranli": 1.25e-3,
+        "adapter-roli": 2.5e-5,
+        "lora-ranli": 1.25e-3,
+        "lora-roli": 2.5e-4,
+        "bias-ranli": 2.5e-4,
+        "bias-roli": 1.25e-5,
+        "vpt-ranli": 0.0125,
+    },
+}
+PROBE = {
+    "cifar10": (0.0125, 0.01, 20),
+    "cifar100": (0.025, 0.001, 20),
+    "caltech256": (0.125, 0.01, 40),
+    "cub200": (0.25, 0.001, 60),
+    "stanford-dogs": (0.25, 0.01, 40),
+}
+
+
+def test_paper_grid_dry_run_json_has_the_official_values(tmp_path, capsys):
+    assert (
+        main(["sweep", str(REPO / "configs/paper/grid.yaml"), "--out", str(tmp_path / "p"), "--dry-run", "--json"]) == 0
+    )
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 120
+    for r in rows:
+        _, data, method, _ = r["run"].split("__")
+        t, p, opts = r["train"], r["probe"], r["method"]["options"]
+        assert (r["attack"]["eps"], r["attack"]["steps"], r["attack"]["step_size"], r["attack"]["iterate"]) == (
+            "8/255",
+            7,
+            "2/255",
+            "best",
+        )
+        assert (r["eval"]["pgd_steps"], r["eval"]["n_autoattack"], r["eval"]["batch_size"]) == (10, 0, 64)
+        assert (p["optimizer"], p["lr"], p["weight_decay"], p["epochs"]) == ("sgd", *PROBE[data])
+        assert (
+            t["epochs"] == PROBE[data][2]
+            and t["batch_size"] == 64
+            and t["warmup_epochs"] == 10
+            and t["schedule_per_epoch"]
+        )
+        assert r["model"]["preprocess"] == "ares" and r["model"]["head_init"] == "kaiming-fan-out"
+        assert (r["data"]["augment"], bool(r["data"]["split_file"])) == ((data not in ("cifar10", "cifar100"),) * 2)
+        if method == "linear":  # RoLI's stage 1 trains with the probe settings
+            assert t == p
+        elif method != "linear-natural":
+            lr = PAPER_LR[data][method.replace("-ext", "").replace("vpt-roli", "vpt-ranli")]
+            assert (t["optimizer"], t["lr"], t["adam_eps"], t["betas"]) == ("adamw", lr, 1e-6, [0.9, 0.999])
+            zero = (method, data) in {
+                ("adapter-roli", "caltech256"),
+                ("bias-roli", "caltech256"),
+                ("lora-ranli", "cifar100"),
+            }
+            assert t["weight_decay"] == (0.0 if zero else 0.01)
+        if r["method"]["name"] == "lora":
+            assert opts == {"rank": 16, "alpha": 16, "dropout": 0.1, "parts": "qv"}
+        if r["method"]["name"] == "vpt":
+            assert opts == {"num_prompts": 20 if data == "cub200" else 10, "deep": True, "dropout": 0.1}
+        assert opts == {"reduction": 8} if r["method"]["name"] == "adapter" else True
+        assert opts == {"contains": True} if r["method"]["name"] == "bias" else True
+        assert r["model"]["kwargs"] == ({"drop_path_rate": 0.5} if "swin" in r["model"]["backbone"] else {})
 
 
 def test_axis_value_forms_and_naming(tmp_path):

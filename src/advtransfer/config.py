@@ -246,7 +246,7 @@ def probe_problems(probe: RunConfig, run: RunConfig, check_train: bool = True) -
     """
     problems = []
     if (probe.method.name, probe.method.init) != ("linear", Init.RANLI):
-        problems.append(f"it is a {probe.method.name}/{probe.method.init.value} run, not linear/ranli")
+        problems.append(f"its method is {probe.method.name!r} ({probe.method.init.value}), not 'linear' (ranli)")
     if probe.train.objective == Objective.NATURAL:
         problems.append("it was trained with the natural objective (a RoLI head must be adversarially trained)")
     for key in ("data", "model", "attack", "seed"):

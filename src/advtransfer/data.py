@@ -274,10 +274,16 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
             raise UserError(f"data: {cfg.name} {what} is empty")
     rest, notes = _perm(len(train), SPLIT_SEED), []
     if val is None:  # carved from train by a fixed permutation
-        n_val = min(cfg.n_val, len(train) - 1)
-        val, rest = train.subset(rest[:n_val]), rest[n_val:]
+        if cfg.n_val >= len(train) and cfg.n_val:
+            asked = f" (data.n_train={cfg.n_train} asked)" if cfg.n_train else ""
+            raise UserError(
+                f"data: data.n_val={cfg.n_val} leaves no training images: {cfg.name} has {len(train)}{asked}"
+            )
+        val, rest = train.subset(rest[: cfg.n_val]), rest[cfg.n_val :]
     else:
         notes.append(f"data: validation split from data.split_file ({len(val)} images); data.n_val ignored")
+    if cfg.n_train > len(rest):
+        notes.append(f"data: data.n_train={cfg.n_train} but only {len(rest)} training images remain; using them all")
     if cfg.n_train:
         rest = rest[_perm(len(rest), seed)][: cfg.n_train] if cfg.resample else rest[: cfg.n_train]
     train = train.subset(rest)

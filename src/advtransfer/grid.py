@@ -8,13 +8,17 @@ A grid file::
       method: [{name: linear}, {name: full, init: roli, train.lr: 1.0e-4}, "method.name=bias", ...]
       seed: [0, 1, 2]
     exclude: [{source: robust, method: [vpt-ranli, vpt-roli]}]   # drop entries whose axis labels match
+    cells:               # settings of the cells whose labels match (after the axes; later rules win)
+      - {when: {method: full-roli}, set: {train.lr: 2.5e-5}}
+      - {when: {method: [lora-ranli]}, per: dataset, set: {train.lr: {cifar10: 2.5e-3, cifar100: 0.0125}}}
     reuse_probe: true    # RoLI runs use the linear run of the same cell as stage 1 (default true)
 
 An axis value is a mapping of overrides, a ``KEY=VALUE`` string (as ``--set``), a list of such strings, or
 a scalar when the axis itself names a config key (``seed: [0, 1]``, ``train.lr: [1e-3, 1e-4]``). Inside a
 mapping, a key whose first part is a field of the axis's config section is relative to it (``name`` on the
 ``method`` axis is ``method.name``); any other key is a full dotted path (``train.lr``). ``_name`` sets the
-value's label. Mappings apply in axis order, then ``KEY=VALUE`` strings, then the command line's ``--set``.
+value's label. Mappings apply in axis order, then ``cells`` rules (with ``per: AXIS`` each value maps that axis's
+labels to values; a label it lacks leaves the key as it is), then ``KEY=VALUE`` strings, then ``--set``.
 
 Each entry is an ordinary run directory ``OUT/<label>__<label>__...`` (one label per axis, so adding a value
 to an axis never renames existing runs); its resolved config is written to ``OUT/_sweep/configs/``.
@@ -42,7 +46,7 @@ from .config import RunConfig, probe_problems, to_dict
 from .configfile import load_config, parse_set, put
 from .errors import UserError
 
-TOP_KEYS = {"base", "grid", "exclude", "reuse_probe"}
+TOP_KEYS = {"base", "grid", "exclude", "reuse_probe", "cells"}
 SECTIONS = RunConfig.model_fields  # config keys an axis may name
 
 
@@ -97,9 +101,23 @@ def load_grid(path: str | Path) -> dict:
     for rule in exclude:
         if set(rule) - set(axes):
             raise UserError(f"sweep: exclude rule {rule} names unknown axes {sorted(set(rule) - set(axes))}")
+    cells = grid.get("cells") or []
+    for rule in cells:
+        if not isinstance(rule, dict) or set(rule) - {"when", "set", "per"} or not isinstance(rule.get("set"), dict):
+            raise UserError(
+                f"sweep: a cells rule must be {{when: {{axis: labels}}, set: {{key: value}}, [per: axis]}}, got {rule!r}"
+            )
+        if set(rule.get("when") or {}) - set(axes) or rule.get("per", next(iter(axes), None)) not in axes:
+            raise UserError(f"sweep: cells rule {rule['when']} names an unknown axis")
     if not isinstance(grid.get("reuse_probe", True), bool):
         raise UserError(f"sweep: 'reuse_probe' must be true or false, got {grid['reuse_probe']!r}")
-    return {"base": base, "grid": axes, "exclude": exclude, "reuse_probe": grid.get("reuse_probe", True)}
+    return {
+        "base": base,
+        "grid": axes,
+        "exclude": exclude,
+        "reuse_probe": grid.get("reuse_probe", True),
+        "cells": cells,
+    }
 
 
 def _resolve(axis: str, key: str) -> str:
@@ -172,11 +190,14 @@ def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> lis
         strings = []
         for _, over, s, _, _ in combo:
             for k, v in over.items():
-                try:
-                    put(tree, k.split("."), copy.deepcopy(v))
-                except UserError as e:
-                    raise UserError(f"sweep: entry {name}: {e}") from None
+                _put(tree, k, v, name)
             strings += s
+        for rule in grid["cells"]:
+            if all(_matches(keys[a], want) for a, want in (rule.get("when") or {}).items()):
+                for k, v in rule["set"].items():
+                    v = v.get(labels[rule["per"]], _KEEP) if rule.get("per") and isinstance(v, dict) else v
+                    if v is not _KEEP:
+                        _put(tree, k, v, name)
         try:
             cfg = load_config(overrides=[*strings, *sets], base=tree)
         except UserError as e:
@@ -194,6 +215,16 @@ def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> lis
         raise UserError("sweep: the grid expands to no runs (everything excluded?)")
     link_probes(entries, out, grid["reuse_probe"])
     return entries
+
+
+_KEEP = object()
+
+
+def _put(tree: dict, key: str, value: Any, name: str) -> None:
+    try:
+        put(tree, key.split("."), copy.deepcopy(value))
+    except UserError as e:
+        raise UserError(f"sweep: entry {name}: {e}") from None
 
 
 def _matches(keys: list[str], want: Any) -> bool:

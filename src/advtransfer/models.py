@@ -130,7 +130,9 @@ class ModelSpec(BaseModel):
     method: dict = {"name": "full", "options": {}}
     trained: dict = {}  # provenance: dataset, objective, eps, epochs, seed, source (+ SHA-256 if compact)
 
-    def __init__(self, backbone: str, kwargs: dict | None = None, num_classes: int = 10, mean=(), std=(), **rest) -> None:
+    def __init__(
+        self, backbone: str, kwargs: dict | None = None, num_classes: int = 10, mean=(), std=(), **rest
+    ) -> None:
         super().__init__(backbone=backbone, kwargs=kwargs or {}, num_classes=num_classes, mean=mean, std=std, **rest)
 
     @field_validator("mean", "std")

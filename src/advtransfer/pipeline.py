@@ -155,7 +155,9 @@ def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, rd: R
         probe = Path(cfg.method.probe_run)
         path = probe / "best.safetensors"
         if not path.is_file() or not (probe / "config.yaml").is_file():
-            raise UserError(f"config: method.probe_run {probe} holds no finished run (best.safetensors, config.yaml)")
+            raise UserError(
+                f"config: method.probe_run {probe} holds no best.safetensors and config.yaml of a finished run"
+            )
         problems = probe_problems(load_config(probe / "config.yaml"), cfg)
         if problems:
             raise UserError(f"config: method.probe_run {probe} does not fit this run: " + "; ".join(problems))
@@ -300,7 +302,9 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
         f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
     )
     for note in splits.notes:
-        rd.log(f"data: {note}")
+        rd.log(note)
+    if len(splits.val) == 0:
+        raise UserError("data: the validation split is empty (data.n_val must be >= 1; model selection needs it)")
     spec, origin = source_spec(cfg, splits)
     check_channels(spec, splits.train.channels)
     hardware = device_setup(cfg)

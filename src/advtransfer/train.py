@@ -10,11 +10,13 @@ The hot loop never waits for the device: losses, accuracy and the non-finite che
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -295,8 +297,10 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool 
             progress.update(loss_sum=0.0, correct=0, seen=0)
         stage.log(f"resumed {stage.dir.name} at epoch {progress['epoch'] + 1} step {progress['step']}")
         write_jsonl(metrics, [r for r in read_jsonl(metrics) if r["epoch"] < progress["epoch"]])
-    else:
+    else:  # every RNG from the seed (a resume restores them all from the state)
         torch.manual_seed(stage.seed)
+        random.seed(stage.seed)
+        np.random.seed(stage.seed)
         metrics.unlink(missing_ok=True)
     stage.clock = time.time() - progress["seconds"]
     runner = compiled(model) if cfg.compile else model  # shares model's parameters: model is validated and saved
