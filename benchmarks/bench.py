@@ -39,10 +39,17 @@ import torch.nn.functional as F
 
 MODELS = {
     # name: (timm name, kwargs, input channels, input px, batch, timed iterations)
-    "minivit28": ("vit_tiny_patch16_224", dict(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0), 1, 28, 128, 10),
+    "minivit28": (
+        "vit_tiny_patch16_224",
+        dict(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=4, num_heads=4, mlp_ratio=2.0),
+        1,
+        28,
+        128,
+        10,
+    ),
     "vit_tiny224": ("vit_tiny_patch16_224", {}, 3, 224, 8, 3),
     "resnet18_32": ("resnet18", {}, 3, 32, 64, 5),
-}  # fmt: skip
+}
 METHODS = ("full", "linear", "lora", "vpt")
 EPS, STEPS = 8 / 255, 7
 

@@ -1,6 +1,6 @@
 """Ship a pretrained source model: copy a run's best checkpoint into models/ and write its card.
 
-    python scripts/make_card.py runs/sources/mnist_robust mnist_minivit_robust
+    python scripts/make_card.py runs/sources/mnist_robust mnist_minivit_robust [N_AA_SUBSET]
 
 The card (``models/NAME.md`` + machine-readable ``models/NAME.card.json``) gives the exact command, seed,
 epochs, threat model and the accuracies measured by the run on the full MNIST test split (clean, PGD-20;
@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from advtransfer.checkpoints import load_classifier
@@ -27,23 +26,24 @@ ROOT = Path(__file__).resolve().parents[1]
 N_SUBSET, N_AA_SUBSET = 500, 100
 
 
-def subset_figures(ckpt: Path, eps: float) -> dict:
-    """What the shipped-model test re-measures: same images, seed and settings every time."""
+def subset_figures(ckpt: Path, eps: float, dataset: str, n_aa: int) -> dict:
+    """What the shipped-model test re-measures: same images, seed and settings every time (AutoAttack on the first
+    ``n_aa`` of them; 0 = none)."""
     model, _ = load_classifier(ckpt)
-    x, y = tensors(load_splits(DataConfig(name="mnist", n_val=0, n_test=N_SUBSET)).test)
-    torch.set_num_threads(torch.get_num_threads())
+    x, y = tensors(load_splits(DataConfig(name=dataset, n_val=0, n_test=N_SUBSET)).test)
     r = evaluate(model, x, y, eps=eps, attacks=("clean", "pgd"), pgd_steps=20, seed=0, checks=False)
-    aa = evaluate(model, x[:N_AA_SUBSET], y[:N_AA_SUBSET], eps=eps, attacks=("autoattack",), seed=0, checks=False)
+    aa = evaluate(model, x[:n_aa], y[:n_aa], eps=eps, attacks=("autoattack",), seed=0, checks=False) if n_aa else {}
     return {
+        "dataset": dataset,
         "n": N_SUBSET,
         "clean": r["clean"],
         "pgd20": r["pgd"],
-        "n_autoattack": N_AA_SUBSET,
-        "autoattack": aa["autoattack"],
+        "n_autoattack": n_aa,
+        "autoattack": aa.get("autoattack"),
     }
 
 
-def main(run_dir: str, name: str) -> None:
+def main(run_dir: str, name: str, n_aa: str = str(N_AA_SUBSET)) -> None:
     run = Path(run_dir)
     card = json.loads((run / "result.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -51,7 +51,8 @@ def main(run_dir: str, name: str) -> None:
     dest = ROOT / "models" / f"{name}.safetensors"
     dest.parent.mkdir(exist_ok=True)
     shutil.copyfile(run / "best.safetensors", dest)
-    subset = subset_figures(dest, card["eps_value"])
+    dataset = cfg["data"]["name"]
+    subset = subset_figures(dest, card["eps_value"], dataset, int(n_aa))
     config_file = f"configs/sources/{run.name}.yaml"
     wall = sum(m["seconds"] for m in metrics)
     info = {
@@ -68,7 +69,7 @@ def main(run_dir: str, name: str) -> None:
             "pgd20": card["pgd_acc"],
             "n_autoattack": card.get("n_autoattack"),
             "autoattack": card["autoattack_acc"],
-        },  # fmt: skip
+        },
         "subset": subset,
         "best_epoch": card["best_epoch"] + 1,
         "train_seconds": round(wall),
@@ -80,7 +81,7 @@ def main(run_dir: str, name: str) -> None:
     md = f"""# {name}
 
 A mini-ViT (`{card["backbone"]}` with `{cfg["model"]["kwargs"]}`, {card["total_params"]:,} parameters)
-trained from scratch {kind} on MNIST (58,000 training images; 2,000 held out for validation).
+trained from scratch {kind} on `{dataset}` ({card["n_train"]:,} training images; {card["n_val"]:,} held out for validation).
 
 - Command: `{info["command"]}` (then `python scripts/make_card.py runs/sources/{run.name} {name}`)
 - Seed {info["seed"]}, {info["epochs"]} epochs (best epoch by validation {"PGD" if card["objective"] == "at" else "clean"} accuracy: {info["best_epoch"]}),
@@ -88,10 +89,10 @@ trained from scratch {kind} on MNIST (58,000 training images; 2,000 held out for
   training wall time {info["train_seconds"]} s on 2 CPU cores (1 thread).
 - Threat model: {info["threat_model"]} in [0,1] pixel space; normalisation (mean {card.get("mean", 0.5)}) is inside the model.
 
-| MNIST test | n | clean % | PGD-20 % | AutoAttack (standard) % |
+| {dataset} test | n | clean % | PGD-20 % | AutoAttack (standard) % |
 |---|---:|---:|---:|---:|
 | full test split | {ft["n"]} (AA: {ft["n_autoattack"]}) | {100 * ft["clean"]:.2f} | {100 * ft["pgd20"]:.2f} | {100 * ft["autoattack"]:.2f} |
-| fixed subset (re-checked by the tests) | {sb["n"]} (AA: {sb["n_autoattack"]}) | {100 * sb["clean"]:.2f} | {100 * sb["pgd20"]:.2f} | {100 * sb["autoattack"]:.2f} |
+| fixed subset (re-checked by the tests) | {sb["n"]} (AA: {sb["n_autoattack"]}) | {100 * sb["clean"]:.2f} | {100 * sb["pgd20"]:.2f} | {"—" if sb["autoattack"] is None else f"{100 * sb['autoattack']:.2f}"} |
 
 Sanity flags of the evaluation: {", ".join(f["flag"] for f in card["flags"]) or "none"}.
 """

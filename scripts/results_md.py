@@ -17,12 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["full", "vpt", "lora", "adapter", "bias"]
 # The paper's Fig. 1 (five-dataset average, robust Swin-B, clean / PGD-10), as quoted in the issue.
 PAPER = {
-    ("full", "roli"): (84.00, 46.24), ("full", "ranli"): (76.25, 40.03),
-    ("lora", "roli"): (81.37, 44.37), ("lora", "ranli"): (77.66, 42.16),
-    ("adapter", "roli"): (80.00, 43.35), ("adapter", "ranli"): (77.92, 42.44),
-    ("bias", "roli"): (81.06, 44.19), ("bias", "ranli"): (79.06, 43.75),
-    ("vpt", "ranli"): (78.13, 43.13), ("linear", "ranli"): (79.00, 37.46),
-}  # fmt: skip
+    ("full", "roli"): (84.00, 46.24),
+    ("full", "ranli"): (76.25, 40.03),
+    ("lora", "roli"): (81.37, 44.37),
+    ("lora", "ranli"): (77.66, 42.16),
+    ("adapter", "roli"): (80.00, 43.35),
+    ("adapter", "ranli"): (77.92, 42.44),
+    ("bias", "roli"): (81.06, 44.19),
+    ("bias", "ranli"): (79.06, 43.75),
+    ("vpt", "ranli"): (78.13, 43.13),
+    ("linear", "ranli"): (79.00, 37.46),
+}
 
 
 def cards(root: Path) -> list[dict]:
@@ -140,9 +145,14 @@ def main(root: str, wall: str) -> None:
         )
     lines.append("")
     # paper side by side
-    lines += ["## Side by side with the paper", "",
-              "Paper: five-dataset average, ARES robust Swin-B, ε = 8/255 (Fig. 1). Ours: robust MNIST mini-ViT → Fashion-MNIST, ε = 0.1, mean of 3 seeds. Absolute numbers are not comparable (different backbone, data, ε and budget); the *directions* are what can reproduce.", "",
-              "| method | init | paper clean | paper PGD-10 | ours clean | ours PGD-10 |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "## Side by side with the paper",
+        "",
+        "Paper: five-dataset average, ARES robust Swin-B, ε = 8/255 (Fig. 1). Ours: robust MNIST mini-ViT → Fashion-MNIST, ε = 0.1, mean of 3 seeds. Absolute numbers are not comparable (different backbone, data, ε and budget); the *directions* are what can reproduce.",
+        "",
+        "| method | init | paper clean | paper PGD-10 | ours clean | ours PGD-10 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for (m, init), (pc, pp) in PAPER.items():
         ours = pick(cs, "robust", m, init)
         oc = ms([c["clean_acc"] for c in ours.values()])
@@ -181,8 +191,12 @@ def main(root: str, wall: str) -> None:
                 )
     wins = sum(a > b for _, a, b in rob_gt)
     verdict = "reproduced" if rob_gt and wins == len(rob_gt) else ("mixed" if wins else "not reproduced")
-    lines += [f"1. **A robust pretrained model is necessary — {verdict}.** Rule: the robust source gives higher mean PGD-10 than the natural source for every method/init. It does for {wins}/{len(rob_gt)}: "
-              + ", ".join(f"{k} {100 * a:.1f} vs {100 * b:.1f}" for k, a, b in rob_gt) + ".", ""]  # fmt: skip
+    lines += [
+        f"1. **A robust pretrained model is necessary — {verdict}.** Rule: the robust source gives higher mean PGD-10 than the natural source for every method/init. It does for {wins}/{len(rob_gt)}: "
+        + ", ".join(f"{k} {100 * a:.1f} vs {100 * b:.1f}" for k, a, b in rob_gt)
+        + ".",
+        "",
+    ]
     kept = []  # natural-objective finetuning of the robust source: PGD-10 is robustness inherited, not trained
     for m in ("linear", "full", "lora"):
         r = pick(cs, "robust", m, "ranli", "natural")
@@ -200,17 +214,24 @@ def main(root: str, wall: str) -> None:
         if len(kept) > 1 and best[0] == "linear"
         else ("not testable" if len(kept) < 2 else "not reproduced")
     )
-    lines += [f"2. **Linear probing best preserves the inherited robustness — {verdict}.** Rule: finetuning the robust source with the *natural* objective (no attack), the linear probe keeps the highest PGD-10 accuracy of the methods run that way. PGD-10 / clean: "
-              + ", ".join(f"{m} {100 * p:.1f} / {100 * c:.1f}" for m, p, c in kept) + ".", ""]  # fmt: skip
+    lines += [
+        f"2. **Linear probing best preserves the inherited robustness — {verdict}.** Rule: finetuning the robust source with the *natural* objective (no attack), the linear probe keeps the highest PGD-10 accuracy of the methods run that way. PGD-10 / clean: "
+        + ", ".join(f"{m} {100 * p:.1f} / {100 * c:.1f}" for m, p, c in kept)
+        + ".",
+        "",
+    ]
     pts = rep.get("transfer_points", [])
     r = rep.get("pearson_TR_TA")
     if r is None:
         verdict = "not testable"
     else:
         verdict = "reproduced" if r >= 0.5 else ("mixed" if r > 0 else "not reproduced")
-    lines += [f"3. **Transferred robustness correlates with transferred accuracy — {verdict}.** Rule: Pearson r(TR, TA) across the (source, dataset) groups ≥ 0.5 (mixed if between 0 and 0.5; needs ≥ 3 groups). {len(pts)} groups"
-              + ("" if not pts else " (" + "; ".join(f"{name}: TA {ta:.3f}, TR {tr:.3f}" for name, ta, tr in pts) + ")")
-              + f"; Pearson r = {'n/a' if r is None else f'{r:.3f}'}. With {len(pts)} points this is weak evidence either way. Definitions: `docs/metrics.md`.", ""]  # fmt: skip
+    lines += [
+        f"3. **Transferred robustness correlates with transferred accuracy — {verdict}.** Rule: Pearson r(TR, TA) across the (source, dataset) groups ≥ 0.5 (mixed if between 0 and 0.5; needs ≥ 3 groups). {len(pts)} groups"
+        + ("" if not pts else " (" + "; ".join(f"{name}: TA {ta:.3f}, TR {tr:.3f}" for name, ta, tr in pts) + ")")
+        + f"; Pearson r = {'n/a' if r is None else f'{r:.3f}'}. With {len(pts)} points this is weak evidence either way. Definitions: `docs/metrics.md`.",
+        "",
+    ]
 
     def roli_wins(key: str) -> list[str]:
         """Methods whose RoLI mean beats their RanLI mean on ``key`` (robust source, both inits present)."""
@@ -232,12 +253,18 @@ def main(root: str, wall: str) -> None:
         if len(better_p) == len(better_c) == n_m > 0
         else ("mixed" if better_p or better_c else "not reproduced")
     )
-    lines += [f"4. **RoLI improves every method — {verdict}.** Rule: on the robust source, RoLI's mean beats RanLI's for every method, clean and PGD-10. PGD-10 improves for {len(better_p)}/{n_m} ({', '.join(better_p) or 'none'}); clean for {len(better_c)}/{n_m} ({', '.join(better_c) or 'none'}). Per-seed deltas with their std are in the tables above.", ""]  # fmt: skip
-    lines += ["**Caveats on 2 and 3.** The sources are 307k-parameter ViTs pretrained on MNIST, whose features are a",
-              "poor start for Fashion-MNIST (compare the linear probes' clean accuracy with Full-FT's above), unlike the",
-              "paper's ImageNet backbones on natural-image datasets; when the frozen features fit the task this badly,",
-              "finetuning the backbone can add robustness as well as accuracy even without an attack. The correlation",
-              "has 4 groups, two of them the sources' own task (MNIST), so its sign is weak evidence.", ""]  # fmt: skip
+    lines += [
+        f"4. **RoLI improves every method — {verdict}.** Rule: on the robust source, RoLI's mean beats RanLI's for every method, clean and PGD-10. PGD-10 improves for {len(better_p)}/{n_m} ({', '.join(better_p) or 'none'}); clean for {len(better_c)}/{n_m} ({', '.join(better_c) or 'none'}). Per-seed deltas with their std are in the tables above.",
+        "",
+    ]
+    lines += [
+        "**Caveats on 2 and 3.** The sources are 307k-parameter ViTs pretrained on MNIST, whose features are a",
+        "poor start for Fashion-MNIST (compare the linear probes' clean accuracy with Full-FT's above), unlike the",
+        "paper's ImageNet backbones on natural-image datasets; when the frozen features fit the task this badly,",
+        "finetuning the backbone can add robustness as well as accuracy even without an attack. The correlation",
+        "has 4 groups, two of them the sources' own task (MNIST), so its sign is weak evidence.",
+        "",
+    ]
     figs = sorted((root / "figures").glob("*.png")) if (root / "figures").exists() else []
     dest = ROOT / "docs" / "figures"
     dest.mkdir(parents=True, exist_ok=True)

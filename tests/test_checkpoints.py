@@ -24,9 +24,9 @@ from advtransfer.config import DataConfig
 from advtransfer.data import load_splits, tensors
 from advtransfer.errors import UserError
 from advtransfer.evaluation import evaluate
-from advtransfer.weightfiles import load_backbone_weights, load_foreign, read_source, read_spec, read_state
 from advtransfer.methods import apply_method
 from advtransfer.models import Classifier, ModelSpec, build
+from advtransfer.weightfiles import load_backbone_weights, load_foreign, read_source, read_spec, read_state
 
 VIT = "vit_tiny_patch16_224"
 SWIN = "swin_tiny_patch4_window7_224"

@@ -15,13 +15,26 @@ from advtransfer.cli import main
 
 pytestmark = pytest.mark.skipif(not shutil.which("g++"), reason="inductor on CPU needs a C++ compiler")
 
-SETS = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "train.epochs=1", "train.batch_size=32",
-        "attack.steps=2", "eval.val_pgd_steps=2", "eval.pgd_steps=2", "eval.autoattack=false"]  # fmt: skip
+SETS = [
+    "data.n_train=64",
+    "data.n_val=32",
+    "data.n_test=32",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "attack.steps=2",
+    "eval.val_pgd_steps=2",
+    "eval.pgd_steps=2",
+    "eval.autoattack=false",
+]
 
 
 def test_compiled_training_matches_eager(tmp_path: Path, source: Path) -> None:
-    cfg = {"data": {"name": "fashion-mnist"}, "model": {"checkpoint": str(source)}, "attack": {"eps": "0.1"},
-           "method": {"name": "full", "init": "ranli"}}  # fmt: skip
+    cfg = {
+        "data": {"name": "fashion-mnist"},
+        "model": {"checkpoint": str(source)},
+        "attack": {"eps": "0.1"},
+        "method": {"name": "full", "init": "ranli"},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     sets = sum((["--set", s] for s in SETS), [])

@@ -8,7 +8,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from pydantic import BaseModel
 
 from advtransfer.attacks import Threat

@@ -42,8 +42,9 @@ def _run(cfg: Path, out: Path, ranks: int) -> dict:
 
 
 def _torchrun(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(cfg, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_env())  # fmt: skip
+    return subprocess.Popen(
+        _cmd(cfg, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env()
+    )
 
 
 def _source(tmp_path: Path) -> str:
@@ -62,9 +63,15 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         "method": {"name": "full"},
         "attack": {"eps": "0.1", "steps": 2},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.001},
-        "eval": {"val_pgd_steps": 2, "pgd_steps": 2, "autoattack": True, "n_autoattack": 8,
-                 "aa_version": "custom", "aa_attacks": ["apgd-ce"]},
-    }  # fmt: skip
+        "eval": {
+            "val_pgd_steps": 2,
+            "pgd_steps": 2,
+            "autoattack": True,
+            "n_autoattack": 8,
+            "aa_version": "custom",
+            "aa_attacks": ["apgd-ce"],
+        },
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     one = _run(path, tmp_path / "one", ranks=1)
@@ -110,8 +117,11 @@ def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path)
     err = resumed.communicate(timeout=300)[1]
     assert resumed.returncode == 0, err[-2000:]
     assert "resumed run at epoch 2 step" in (out / "log.txt").read_text()
-    strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for d in (ref, out)
-             for x in (d / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    strip = [
+        {k: v for k, v in json.loads(x).items() if k != "seconds"}
+        for d in (ref, out)
+        for x in (d / "metrics.jsonl").read_text().splitlines()
+    ]
     assert strip[:2] == strip[2:]
     w1, w2 = read_state(ref / "best.safetensors"), read_state(out / "best.safetensors")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -251,9 +251,15 @@ def probe_dir(ctx: Ctx, head_classes: int, method: str = "linear") -> Path:
     d = ctx.tmp / "probe"
     d.mkdir()
     # a genuine linear probe of this source, dataset and threat model — only its head has the wrong shape
-    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), head_classes, mean=[0.5], std=[0.5],
-                     method={"name": method, "options": {}},
-                     trained={"source": str(ctx.source), "dataset": "fashion-mnist", "eps": "0.1", "norm": "Linf"})  # fmt: skip
+    spec = ModelSpec(
+        "vit_tiny_patch16_224",
+        dict(TINY),
+        head_classes,
+        mean=[0.5],
+        std=[0.5],
+        method={"name": method, "options": {}},
+        trained={"source": str(ctx.source), "dataset": "fashion-mnist", "eps": "0.1", "norm": "Linf"},
+    )
     save_checkpoint(build(spec), spec, d / "best.safetensors")
     cfg = load_config(base={**json.loads(json.dumps(BASE)), "model": {"checkpoint": str(ctx.source)}})
     probe = cfg.model_copy(
@@ -305,7 +311,7 @@ CASES: dict[str, Case] = {
             "model.kwargs={img_size: 28, patch_size: 7, in_chans: 1, embed_dim: 33, num_heads: 2, depth: 1}",
         ),
         ("bad kwargs", "divisible"),
-    ),  # fmt: skip
+    ),
     "config-no-backbone": Case(lambda c: c.run("model.checkpoint="), ("model.backbone",)),
     "config-compile-without-compiler": Case(
         lambda c: (c.mp.setattr("shutil.which", lambda name, *a, **k: None), c.run("train.compile=true"))[1],
@@ -372,7 +378,7 @@ CASES: dict[str, Case] = {
             "train.checkpoint_every=0",  # the bad image is met before any state is saved: nothing is kept
         ),
         ("cannot read image", "0.png"),
-    ),  # fmt: skip
+    ),
     "data-empty-class": Case(
         lambda c: c.run("data.name=imagefolder", f"data.root={image_folder(c, empty_class=True)}"),
         ("no images", "bird"),
@@ -388,7 +394,7 @@ CASES: dict[str, Case] = {
             f"data.split_file={c.write('split.txt', 'train/cat/0.png -1 train' + chr(10))}",
         ),
         ("out of range", "-1"),
-    ),  # fmt: skip
+    ),
     "data-checksum-mismatch": Case(
         lambda c: (fake_fashion(c, mangle=lambda f: f.update({"t10k-labels-idx1-ubyte.gz": b"tampered"})), c.run())[1],
         ("checksum mismatch", "t10k-labels"),
@@ -413,7 +419,7 @@ CASES: dict[str, Case] = {
             c.run(),
         )[-1],
         ("cannot read IDX", "train-labels"),
-    ),  # fmt: skip
+    ),
     "data-labels-out-of-range": Case(
         lambda c: (fake_fashion(c, labels=np.array([0, 1, 2, 12] * 10)), c.run())[1], ("label 12", "out of range")
     ),
@@ -437,7 +443,7 @@ CASES: dict[str, Case] = {
             f"model.checkpoint={c.write('w.h5', 'x')}",
         ),
         ("unsupported file type", ".h5"),
-    ),  # fmt: skip
+    ),
     "checkpoint-wrong-architecture": Case(
         lambda c: c.run(
             "model.backbone=vit_tiny_patch16_224",
@@ -445,7 +451,7 @@ CASES: dict[str, Case] = {
             f"model.checkpoint={other_arch_pt(c)}",
         ),
         ("does not fit", "blocks.1"),
-    ),  # fmt: skip
+    ),
     "checkpoint-config-architecture-mismatch": Case(
         lambda c: c.run("model.backbone=resnet18"), ("resnet18", "vit_tiny_patch16_224")
     ),
@@ -459,7 +465,7 @@ CASES: dict[str, Case] = {
             ),
         )[1],
         ("no state dict",),
-    ),  # fmt: skip
+    ),
     "checkpoint-malicious-pickle": Case(
         lambda c: c.run(
             "model.backbone=vit_tiny_patch16_224",
@@ -467,7 +473,7 @@ CASES: dict[str, Case] = {
             f"model.checkpoint={evil_pt(c)[0]}",
         ),
         ("refused", "unsafe"),
-    ),  # fmt: skip
+    ),
     "checkpoint-malicious-legacy-pickle": Case(
         lambda c: c.run(
             "model.backbone=vit_tiny_patch16_224",
@@ -475,7 +481,7 @@ CASES: dict[str, Case] = {
             f"model.checkpoint={evil_pt(c, zipped=False)[0]}",
         ),
         ("refused", "unsafe"),
-    ),  # fmt: skip
+    ),
     "checkpoint-wrong-classes-for-eval": Case(
         lambda c: ["eval", "--checkpoint", str(five_class_checkpoint(c)), "--data", "mnist", "--n", "8"],
         ("5 classes", "10"),
@@ -661,8 +667,9 @@ def test_unexpected_exception_is_one_line_and_debug_shows_it(tmp_path, source, m
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "advtransfer", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "advtransfer", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_subprocess_bad_config_exit_2_one_line(tmp_path, source):
@@ -702,25 +709,61 @@ def test_subprocess_debug_shows_the_traceback(tmp_path, source):
 
 def _fake_run(cfg, out, **kw):
     """Stands in for the pipeline: the config was parsed and validated, that is all the fuzz needs."""
-    return {"method": cfg.method.name, "init": cfg.method.init.value, "clean_acc": 0.0, "pgd_acc": 0.0,
-            "autoattack_acc": None, "n_eval": 0}  # fmt: skip
+    return {
+        "method": cfg.method.name,
+        "init": cfg.method.init.value,
+        "clean_acc": 0.0,
+        "pgd_acc": 0.0,
+        "autoattack_acc": None,
+        "n_eval": 0,
+    }
 
 
-FIELDS = ["seed", "name", "data", "model", "method", "attack", "train", "probe", "eval", "eps", "steps", "lr",
-          "epochs", "batch_size", "name", "options", "kwargs", "norm", "init", "n_val", "aa_attacks", "x"]  # fmt: skip
+FIELDS = [
+    "seed",
+    "name",
+    "data",
+    "model",
+    "method",
+    "attack",
+    "train",
+    "probe",
+    "eval",
+    "eps",
+    "steps",
+    "lr",
+    "epochs",
+    "batch_size",
+    "name",
+    "options",
+    "kwargs",
+    "norm",
+    "init",
+    "n_val",
+    "aa_attacks",
+    "x",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["8/255", "1/0", "Linf", "L2", "roli", "full", "lora", "0x10", "1e400"]),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["8/255", "1/0", "Linf", "L2", "roli", "full", "lora", "0x10", "1e400"]),
+)
 trees = st.recursive(
-    scalars, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(FIELDS), kids, max_size=4)),
+    scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(FIELDS), kids, max_size=4)),
     max_leaves=12,
-)  # fmt: skip
+)
 set_items = st.one_of(
     st.text(max_size=30),
-    st.builds(lambda k, v: f"{k}={v}", st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3).map(".".join),
-              st.text(max_size=15)),
-)  # fmt: skip
+    st.builds(
+        lambda k, v: f"{k}={v}",
+        st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3).map(".".join),
+        st.text(max_size=15),
+    ),
+)
 
 
 def _outcome(argv: list[str], capsys) -> None:

@@ -21,13 +21,12 @@ from torch import nn
 
 from advtransfer import methods
 from advtransfer.attacks import Threat, pgd
-from advtransfer.checkpoints import load_classifier, save_checkpoint
+from advtransfer.checkpoints import load_classifier, load_head, save_checkpoint
 from advtransfer.config import TrainConfig
 from advtransfer.errors import UserError
 from advtransfer.methods import METHODS, TUNERS, apply_method, count, method_table, trainable
 from advtransfer.methods.peft_tuners import merge_tuners
 from advtransfer.models import ModelSpec, build
-from advtransfer.checkpoints import load_head
 from advtransfer.train import make_optimizer, train_step
 
 # peft's notes on adjusted block sizes, its optional CUDA kernels and RandLoRA's regenerated bases

@@ -35,8 +35,13 @@ def test_forward_is_normalise_resize_backbone(tiny_vit: Classifier) -> None:
 
 
 def test_grey_images_repeat_to_rgb() -> None:
-    spec = ModelSpec("vit_tiny_patch16_224", dict(img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2), 4,
-                     mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7])  # fmt: skip
+    spec = ModelSpec(
+        "vit_tiny_patch16_224",
+        dict(img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2),
+        4,
+        mean=[0.1, 0.2, 0.3],
+        std=[0.5, 0.6, 0.7],
+    )
     torch.manual_seed(0)
     model = build(spec).eval()
     assert model.in_chans == 3 and spec.in_chans == 3

@@ -32,8 +32,12 @@ FAST = [
 
 
 def _config(tmp_path: Path, source: Path, **method) -> Path:
-    cfg = {"data": {"name": "fashion-mnist"}, "model": {"checkpoint": str(source)}, "attack": {"eps": "0.1"},
-           "method": {"name": "full", "init": "ranli", **method}}  # fmt: skip
+    cfg = {
+        "data": {"name": "fashion-mnist"},
+        "model": {"checkpoint": str(source)},
+        "attack": {"eps": "0.1"},
+        "method": {"name": "full", "init": "ranli", **method},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -19,8 +19,9 @@ import yaml
 import advtransfer
 from advtransfer import figures
 from advtransfer.cli import main
+from advtransfer.document import write_report
 from advtransfer.errors import UserError
-from advtransfer.report import aggregate, find_results, mean_std, pearson, results_table, write_report
+from advtransfer.report import aggregate, find_results, mean_std, pearson, results_table
 
 ROBUST = "models/fake_robust.safetensors"
 NATURAL = "models/fake_natural.safetensors"

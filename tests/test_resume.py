@@ -42,9 +42,14 @@ def write_config(folder: Path, source: Path, name: str, **changes) -> Path:
         "attack": {"eps": "0.1", "steps": 2},
         "train": {"epochs": 3, "batch_size": 16, "checkpoint_every": 1},
         "probe": {"epochs": 2, "batch_size": 16, "checkpoint_every": 1},
-        "eval": {"val_pgd_steps": 2, "pgd_steps": 2, "n_autoattack": 8, "aa_version": "custom",
-                 "aa_attacks": ["apgd-ce"]},
-    }  # fmt: skip
+        "eval": {
+            "val_pgd_steps": 2,
+            "pgd_steps": 2,
+            "n_autoattack": 8,
+            "aa_version": "custom",
+            "aa_attacks": ["apgd-ce"],
+        },
+    }
     for key, value in changes.items():
         section, field = key.split("__")
         cfg[section][field] = value
@@ -225,8 +230,9 @@ def test_ctrl_c_in_process_stops_at_a_step_boundary(tmp_path, refs, monkeypatch,
 def test_autoattack_interrupted_between_attacks_resumes_without_retraining(tmp_path, source, monkeypatch):
     import pyautoattack
 
-    cfg = write_config(tmp_path, source, "aa", attack__eps="0.004", eval__n_autoattack=32,
-                       eval__aa_attacks=["apgd-ce", "apgd-dlr"])  # fmt: skip
+    cfg = write_config(
+        tmp_path, source, "aa", attack__eps="0.004", eval__n_autoattack=32, eval__aa_attacks=["apgd-ce", "apgd-dlr"]
+    )
     ref = tmp_path / "ref"
     assert main(["run", str(cfg), "--out", str(ref)]) == 0
     robust = json.loads((ref / "autoattack_state.json").read_text())["robust"]
@@ -247,7 +253,11 @@ def test_autoattack_interrupted_between_attacks_resumes_without_retraining(tmp_p
     assert not (out / "result.json").exists()
 
     calls.clear()
-    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", lambda self, *a, **k: (calls.append(list(self.attacks_to_run)), real(self, *a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(
+        pyautoattack.AutoAttack,
+        "run_standard_evaluation",
+        lambda self, *a, **k: (calls.append(list(self.attacks_to_run)), real(self, *a, **k))[1],
+    )
     monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("a finished stage was retrained"))
     assert main(["run", str(cfg), "--out", str(out), "--resume"]) == 0
     assert calls == [["apgd-dlr"]]  # only the attack that had not finished

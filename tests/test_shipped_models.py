@@ -1,4 +1,4 @@
-"""The shipped source checkpoints still reproduce their cards (±1.5 points) on the fixed MNIST subset."""
+"""The shipped source checkpoints still reproduce their cards (±1.5 points) on the fixed subset of their test split."""
 
 from __future__ import annotations
 
@@ -16,24 +16,30 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 TOL = 0.015
 
 
-@pytest.mark.parametrize("name", ["mnist_minivit_robust", "mnist_minivit_natural"])
+@pytest.mark.parametrize(
+    "name", ["mnist_minivit_robust", "mnist_minivit_natural", "union_minivit_robust", "union_minivit_natural"]
+)
 def test_card_reproduces(name):
     card = json.loads((MODELS / f"{name}.card.json").read_text())
     model, spec = load_classifier(MODELS / f"{name}.safetensors")
-    assert spec.trained["dataset"] == "mnist" and spec.num_classes == 10
     sub = card["subset"]
-    x, y = tensors(load_splits(DataConfig(name="mnist", n_val=0, n_test=sub["n"])).test)
+    dataset = sub.get("dataset", "mnist")
+    assert spec.trained["dataset"] == dataset and spec.num_classes == 10
+    x, y = tensors(load_splits(DataConfig(name=dataset, n_val=0, n_test=sub["n"])).test)
     eps = float(card["config"]["attack"]["eps"])
     r = evaluate(model, x, y, eps=eps, attacks=("clean", "pgd"), pgd_steps=20, seed=0, checks=False)
     assert r["clean"] == pytest.approx(sub["clean"], abs=TOL)
     assert r["pgd"] == pytest.approx(sub["pgd20"], abs=TOL)
     n = sub["n_autoattack"]
+    if not n:
+        return
     aa = evaluate(model, x[:n], y[:n], eps=eps, attacks=("autoattack",), seed=0, checks=False)
     assert aa["autoattack"] == pytest.approx(sub["autoattack"], abs=TOL)
 
 
-def test_robust_is_robust_and_natural_is_not():
-    robust = json.loads((MODELS / "mnist_minivit_robust.card.json").read_text())["full_test"]
-    natural = json.loads((MODELS / "mnist_minivit_natural.card.json").read_text())["full_test"]
-    assert robust["clean"] > 0.9 and robust["autoattack"] > 0.5  # clearly robust at its training eps
-    assert natural["clean"] > 0.95 and natural["autoattack"] < 0.05  # near 0 % robust there
+@pytest.mark.parametrize("kind", ["mnist", "union"])
+def test_robust_is_robust_and_natural_is_not(kind):
+    robust = json.loads((MODELS / f"{kind}_minivit_robust.card.json").read_text())["full_test"]
+    natural = json.loads((MODELS / f"{kind}_minivit_natural.card.json").read_text())["full_test"]
+    assert robust["clean"] > 0.85 and robust["autoattack"] > 0.5  # clearly robust at its training eps
+    assert natural["clean"] > 0.9 and natural["autoattack"] < 0.05  # near 0 % robust there

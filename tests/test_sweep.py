@@ -32,8 +32,12 @@ def _expand(tmp_path: Path, grid: dict, sets=()) -> list:
     return expand(load_grid(_grid(tmp_path, grid)), tmp_path / "out", sets)
 
 
-METHODS = [{"name": "linear"}, {"name": "full", "init": "ranli"}, {"name": "full", "init": "roli"},
-           {"name": "bias", "init": "ranli"}]  # fmt: skip
+METHODS = [
+    {"name": "linear"},
+    {"name": "full", "init": "ranli"},
+    {"name": "full", "init": "roli"},
+    {"name": "bias", "init": "ranli"},
+]
 
 
 def test_embedded_grid_expands_with_probe_reuse(tmp_path):
@@ -197,12 +201,15 @@ def test_axis_value_forms_and_naming(tmp_path):
         "base": {"data": {"name": "fashion-mnist"}, "attack": {"eps": "0.1"}},
         "grid": {
             "source": [{"model.checkpoint": "models/a_robust.safetensors"}],
-            "method": [{"name": "lora", "options": {"rank": 4}, "train.lr": 3e-4}, "name=bias",
-                       ["method.name=full", "method.init=roli", "train.epochs=2"]],
+            "method": [
+                {"name": "lora", "options": {"rank": 4}, "train.lr": 3e-4},
+                "name=bias",
+                ["method.name=full", "method.init=roli", "train.epochs=2"],
+            ],
             "train.lr": [0.001],
             "seed": [0, 1],
         },
-    }  # fmt: skip
+    }
     entries = _expand(tmp_path, grid, sets=["eval.autoattack=false", "train.lr=0.5"])
     names = [e.name for e in entries]
     assert names[:2] == [
@@ -337,8 +344,12 @@ def test_slurm_script(tmp_path):
         # a task of phase 2 resolves its run name from the array index (python swapped for echo)
         fake = text.replace('exec "$PYTHON"', "echo")
         (tmp_path / "t.sh").write_text(fake)
-        r = subprocess.run(["bash", str(tmp_path / "t.sh"), "2"], env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"},
-                           capture_output=True, text=True)  # fmt: skip
+        r = subprocess.run(
+            ["bash", str(tmp_path / "t.sh"), "2"],
+            env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"},
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         assert f"full-roli__seed1.yaml --out {out}/full-roli__seed1" in r.stdout
     write_slurm(expand(load_grid(grid_path), out), out, script, str(grid_path))  # idempotent rewrite
@@ -355,10 +366,14 @@ def tiny_source(tmp_path) -> Path:
 
 def test_real_sweep_two_workers(tmp_path, tiny_source, capsys):
     """Two tiny real runs in parallel subprocesses, then a second invocation that skips both."""
-    base = {"data": {"name": "fashion-mnist", "n_train": 64, "n_val": 32, "n_test": 32},
-            "model": {"checkpoint": str(tiny_source)}, "attack": {"eps": "0.1", "steps": 2},
-            "train": {"epochs": 1, "batch_size": 32}, "probe": {"epochs": 1, "batch_size": 32},
-            "eval": {"pgd_steps": 2, "val_pgd_steps": 2, "autoattack": False}}  # fmt: skip
+    base = {
+        "data": {"name": "fashion-mnist", "n_train": 64, "n_val": 32, "n_test": 32},
+        "model": {"checkpoint": str(tiny_source)},
+        "attack": {"eps": "0.1", "steps": 2},
+        "train": {"epochs": 1, "batch_size": 32},
+        "probe": {"epochs": 1, "batch_size": 32},
+        "eval": {"pgd_steps": 2, "val_pgd_steps": 2, "autoattack": False},
+    }
     grid = _grid(tmp_path, {"base": base, "grid": {"method": [{"name": "linear"}, {"name": "bias"}], "seed": [0]}})
     out = tmp_path / "sweep"
     assert main(["sweep", str(grid), "--out", str(out), "--workers", "2"]) == 0, (out / "_sweep" / "logs").glob("*")

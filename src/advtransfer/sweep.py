@@ -268,7 +268,7 @@ def run_sweep(
     counts = {k: sum(1 for s in result.values() if s.split(" ")[0] == k) for k in ("done", "ok", "failed", "blocked")}
     log("[sweep] " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if report and any((out / e.name / RESULT).exists() for e in entries):
-        from .report import write_report
+        from .document import write_report
 
         log(f"[sweep] report: {write_report([out], out)}")
     return result
