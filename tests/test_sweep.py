@@ -43,27 +43,29 @@ METHODS = [
 def test_embedded_grid_expands_with_probe_reuse(tmp_path):
     out = tmp_path / "emb"
     entries = expand(load_grid(REPO / "configs/embedded/grid.yaml"), out)
-    assert len(entries) == 2 * 12 * 3
+    assert len(entries) == 2 * 2 * 13 * 3
     names = [e.name for e in entries]
     assert len(set(names)) == len(names)
-    assert names[0] == "robust__fashion-mnist__linear__seed0"
+    assert names[0] == "union-robust__mnist59__linear__seed0"
     assert names == [e.name for e in expand(load_grid(REPO / "configs/embedded/grid.yaml"), out)]  # deterministic
     by = {e.name: e for e in entries}
     roli = [e for e in entries if e.cfg.method.init.value == "roli"]
-    assert len(roli) == 2 * 5 * 3
+    assert len(roli) == 2 * 2 * 5 * 3
     for e in roli:
         src, data, _, seed = e.name.split("__")
-        probe = f"{src}__{data}__linear__{seed}"  # the adversarial probe of the same cell, never linear-natural
+        probe = f"{src}__{data}__linear__{seed}"  # the adversarial probe of the same cell
         assert e.probe == probe and e.deps == [probe] and e.phase == 2
         assert e.tree["method"]["probe_run"] == str(out / probe)
-        assert e.tree["probe"] == by[probe].tree["train"]  # the saved config says how the reused head was trained
+        assert e.tree["probe"] == by[probe].tree["train"]  # the reused head was trained with the probe settings
         assert e.cfg.method.probe_run == str(out / probe)
     assert all(e.phase == 1 and not e.deps for e in entries if e.cfg.method.init.value == "ranli")
-    nat = [e for e in entries if e.cfg.train.objective.value == "natural"]
-    assert len(nat) == 6 and all(e.cfg.method.name == "linear" for e in nat)
-    e = by["natural__fashion-mnist__lora-roli__seed2"]
-    assert e.cfg.model.checkpoint == "models/mnist_minivit_natural.safetensors" and e.cfg.seed == 2
-    assert e.cfg.data.n_train == 2000 and e.cfg.attack.eps == "0.1" and e.cfg.train.epochs == 3  # the demo's settings
+    controls = [e for e in entries if e.name.split("__")[2].endswith("-6ep")]
+    assert len(controls) == 2 * 2 * 2 * 3 and all(e.cfg.train.epochs == 6 for e in controls)
+    aa = {e.name for e in entries if e.cfg.eval.autoattack}
+    assert aa == {e.name for e in entries if e.name.startswith("union-robust") and e.name.endswith("seed0")}
+    e = by["union-natural__fashion59__lora-roli__seed2"]
+    assert e.cfg.model.checkpoint == "models/union_minivit_natural.safetensors" and e.cfg.seed == 2
+    assert e.cfg.data.name == "fashion-mnist[5-9]" and e.cfg.data.resample and e.cfg.train.epochs == 3
 
 
 def test_paper_grid_expands(tmp_path, capsys):

@@ -168,15 +168,18 @@ class Stage:
         return self.dir / "state.safetensors"
 
 
-def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, workers: int = 0) -> dict[str, float]:
+def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, workers: int = 0, seed: int = 0) -> dict:
     """Clean and PGD accuracy on a split (fp32, eval mode), streamed, sharded across ranks; PGD only on the examples
-    that are clean-correct (the others cannot be robust)."""
+    that are clean-correct (the others cannot be robust). Its random starts come from ``seed`` in a forked RNG, so
+    validation never moves the training RNG (which torchrun's ranks must keep identical)."""
     lo, hi = D.shard_bounds(len(split))
     dev, clean, rob = next(model.parameters()).device, [], []
-    for xb, yb in batches(split, batch_size, order=torch.arange(lo, hi), workers=workers):
-        x, y = to_device(xb, yb, dev)
-        clean.append(clean_correct(model, x, y))
-        rob.append(pgd_correct(model, x, y, threat, only=clean[-1]))
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for xb, yb in batches(split, batch_size, order=torch.arange(lo, hi), workers=workers):
+            x, y = to_device(xb, yb, dev)
+            clean.append(clean_correct(model, x, y))
+            rob.append(pgd_correct(model, x, y, threat, only=clean[-1]))
     c, r = (
         D.gather_cat(torch.cat(m or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), len(split))
         for m in (clean, rob)
@@ -331,7 +334,8 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool 
 
 def _epoch_end(model, val: Split, stage: Stage, progress: dict, record: dict, metrics: Path, opt, sched) -> None:
     """Validate, keep the best checkpoint, append the record (metrics.jsonl + trackers), save the resume state."""
-    record.update(validate(model, val, stage.val_threat, stage.eval_batch_size, stage.workers))
+    seed = stage.seed * 1000 + record["epoch"] + 1
+    record.update(validate(model, val, stage.val_threat, stage.eval_batch_size, stage.workers, seed))
     key = "val_clean" if stage.cfg.objective == Objective.NATURAL else "val_pgd"  # natural training: select on clean
     if progress["best"] is None or record[key] > progress["best"][key]:
         progress["best"] = record
