@@ -18,8 +18,7 @@ from advtransfer.report import find_results, fmt_pct, fmt_stat, md_table, mean_s
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE, GATE_ROBUST, GATE_NATURAL = "gate-natural-probe", 0.15, 0.05  # robust PGD-10 >= 15 %, natural <= 5 %
-MIN_EFFECT = 0.01  # a difference under 1 point is within test-set noise
-MIN_GROUPS, N_BOOT, BOOT_SEED = 10, 2000, 0  # Finding 3
+MIN_EFFECT, MIN_GROUPS, N_BOOT, BOOT_SEED = 0.01, 10, 2000, 0  # < 1 point is test-set noise; Finding 3's bootstrap
 METHODS = ["full", "vpt", "lora", "adapter", "bias"]
 PAPER = {"full": (7.75, 6.21), "adapter": (2.08, 0.91), "lora": (3.71, 2.21), "bias": (2.00, 0.44)}  # Fig. 1
 CONTROL = "-6ep"  # compute-matched RanLI controls: 6 epochs = the probe's 3 + RoLI's 3
@@ -60,7 +59,7 @@ def interval(d: list[float]) -> tuple[float, float, float, int] | None:
 
 
 def verdict(ci: tuple | None, min_effect: float = MIN_EFFECT) -> str:
-    """Reproduced: (mean, low, high) above 0 and mean >= ``min_effect``; not reproduced: the mirror; else inconclusive."""
+    """Reproduced: (mean, low, high) above 0, mean >= ``min_effect``; not reproduced: the mirror; else inconclusive."""
     if ci is not None and ci[1] > 0 and ci[0] >= min_effect:
         return YES
     return NO if ci is not None and ci[2] < 0 and ci[0] <= -min_effect else UNSURE
@@ -88,7 +87,7 @@ def pool(idx: dict, source: str, lab: str, targets: list[str]) -> dict:
 
 
 def compare(a: dict, b: dict, *diffs: str | Callable) -> tuple[list[str], str]:
-    """Each difference (a key k: a[k] − b[k]) over the (target, seed) keys of both, as ``mean [95 % CI]``; the verdict."""
+    """Each difference (key k: a[k] − b[k]) over the (target, seed) keys of both, as ``mean [95 % CI]``; the verdict."""
     fs = [(lambda x, y, k=f: x[k] - y[k]) if isinstance(f, str) else f for f in diffs]
     cis = [interval([v for k in sorted(set(a) & set(b)) if (v := f(a[k], b[k])) is not None]) for f in fs]
     fmt = "{:+.2f} [{:+.2f}, {:+.2f}] (n={})"  # points
@@ -219,7 +218,7 @@ def finding3(idx: dict, status: dict, img: Callable) -> tuple[list[str], list]:
     md += [md_table([*head, "PGD Full-FT %", "TR"], rows, "llrrrrrr") if rows else "No group with Linear and Full-FT."]
     md += [f"Groups left out: {', '.join(out)}."] if out else []
     ev = f"r = {'n/a' if r is None else f'{r:.3f}'}" + ("" if q is None else f" [{q[0]:.3f}, {q[-1]:.3f}]")
-    ev += f" over {len(pts)} groups" + (f"; {N_BOOT - len(boot)} resamples had no r" if len(boot) < N_BOOT else "")
+    ev += f" over {len(pts)} groups" + (f"; {N_BOOT - len(boot)} resamples had no r" if 0 < len(boot) < N_BOOT else "")
     md += [f"Pearson {ev}{'' if len(pts) >= MIN_GROUPS else f' (< {MIN_GROUPS})'}: **{v}**."]
     return md + img(F.fig_transfer(pts, r), "embedded_transfer", "TR vs TA"), [["3. TR correlates with TA", v, ev]]
 
@@ -267,6 +266,8 @@ def compute_and_doubts(idx: dict, status: dict) -> list[str]:
 def render(root: Path, fig_dir: Path | None = None) -> str:
     """The text of results.md from the run files under ``root``; the figures are saved to ``fig_dir`` when given."""
     idx = load(Path(root))
+    for p in fig_dir.glob("embedded_*") if fig_dir else []:
+        p.unlink()  # an earlier page's figures (of groups that may be gone)
 
     def img(fig: F.Figure | None, name: str, alt: str) -> list[str]:
         if fig is not None and fig_dir is not None:
@@ -285,16 +286,15 @@ def render(root: Path, fig_dir: Path | None = None) -> str:
 
 
 def main(argv: list[str]) -> None:
-    """Write docs/results.md and docs/figures/embedded_* (earlier ones removed) from the run folders under argv[0]."""
-    if len(argv) != 1:
-        raise SystemExit("usage: python scripts/results_md.py docs/embedded")
-    (figs := ROOT / "docs" / "figures").mkdir(parents=True, exist_ok=True)
-    for p in figs.glob("embedded_*"):
-        p.unlink()  # figures of groups that may be gone now
+    """Write docs/results.md and docs/figures/embedded_* from the run folders under argv[0]; bad input: exit 2."""
     try:
+        if len(argv) != 1:
+            raise UserError("usage: python scripts/results_md.py docs/embedded")
+        (figs := ROOT / "docs" / "figures").mkdir(parents=True, exist_ok=True)
         text = render(Path(argv[0]), figs)
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     (ROOT / "docs" / "results.md").write_text(text)
 
 
