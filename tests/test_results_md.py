@@ -82,14 +82,14 @@ def bench(root: Path, roli: dict | None = None) -> Path:
     """A whole synthetic benchmark: the gate (mnist59 passes, fashion59 fails), probe-lr runs, the grid, the
     natural-objective runs and 10 transfer groups. ``roli``: per method, RoLI's (clean, PGD) gain over RanLI."""
     roli = roli or {m: (0.04, 0.03) for m in R.METHODS}
-    sources = ("union-robust", "union-natural")
-    for s in sources:
+    for s in ("union-robust", "union-natural"):
         for t, pgd in (("mnist59", 0.30), ("fashion59", 0.10)):
+            gate_pgd = pgd if "robust" in s else 0.01
             run(
                 root,
                 f"{s}__{t}__gate-natural-probe__seed0",
                 0.9,
-                pgd if "robust" in s else 0.01,
+                gate_pgd,
                 method="linear",
                 objective="natural",
                 epochs=10,
@@ -107,14 +107,8 @@ def bench(root: Path, roli: dict | None = None) -> Path:
         for seed in range(3):
             for m in ["linear", *R.METHODS]:
                 pgd = 0.30 if m == "linear" else 0.12 + 0.02 * R.METHODS.index(m)
-                run(
-                    root,
-                    f"union-robust__{t}__{m}-natural__seed{seed}",
-                    0.9 + NOISE[seed],
-                    pgd + NOISE[seed],
-                    method=m,
-                    objective="natural",
-                )
+                name = f"union-robust__{t}__{m}-natural__seed{seed}"
+                run(root, name, 0.9 + NOISE[seed], pgd + NOISE[seed], method=m, objective="natural")
     targets = ["mnist59", "fashion59", "mixed59", "mnist59-invert", "fashion59-rot90", "mnist59-shuffle"]
     for i, (s, t) in enumerate((s, t) for s in ("union-robust", "mnist-robust") for t in targets):
         if s == "union-robust" and t in ("mnist59", "fashion59"):
