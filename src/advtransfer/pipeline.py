@@ -222,7 +222,7 @@ def result_card(cfg: RunConfig, spec: ModelSpec, model: Classifier, progress: di
         "init": cfg.method.init.value,
         "backbone": spec.backbone,
         "source": spec.trained["source"],
-        "dataset": cfg.data.name,
+        "dataset": cfg.data.name + ("" if cfg.data.variant == "none" else f" ({cfg.data.variant})"),
         "seed": cfg.seed,
         "eps": str(cfg.attack.eps),
         "eps_value": float(cfg.attack.eps),
