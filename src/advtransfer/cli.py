@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -99,7 +101,6 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"], help="PGD loss")
     e.add_argument(
         "--aa-version",
-        "--version",
         dest="aa_version",
         default="standard",
         choices=["standard", "custom"],
@@ -252,14 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not args.debug:
         warnings.filterwarnings("ignore")
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (SLURM, kill) ends like Ctrl-C: locks released, partial files removed, exit 130; safe points defer both
+    old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    again = {"run": "; continue with --resume", "pretrain": "; continue with --resume", "demo": "; rerun to continue"}
+    if args.cmd == "eval" and args.out:
+        again["eval"] = "; rerun with the same --out to continue"
     try:
         COMMANDS[args.cmd](args)
         return 0
-    except KeyboardInterrupt:
-        print("advtransfer: interrupted", file=sys.stderr)
-        return 130
-    except Interrupted as e:
-        print(f"advtransfer: {one_line(str(e))}; continue with --resume", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"advtransfer: {one_line(str(e)) or 'interrupted'}{again.get(args.cmd, '')}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:
@@ -273,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"advtransfer: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term is None else old_term)
 
 
 def one_line(text: str) -> str:
