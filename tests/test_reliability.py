@@ -189,6 +189,16 @@ def test_d5_sigterm_outside_a_safe_point_exits_130_and_unlocks(tmp_path, source,
     assert not leftovers(tmp_path / "run")
 
 
+def test_d5_sigterm_in_eval_exits_130_and_says_how_to_continue(tmp_path, source, monkeypatch, capsys, term_guard):
+    _term_in(monkeypatch, evaluation, "pgd_correct")
+    args = ["eval", "--checkpoint", str(source), "--data", "fashion-mnist", "--n", "16", "--pgd-steps", "1"]
+    assert main([*args, "--eps", "0.004", "--out", str(tmp_path / "e")]) == 130
+    assert last_line(capsys) == (
+        "advtransfer: interrupted during the clean/PGD evaluation; rerun with the same --out to continue"
+    )
+    assert not (tmp_path / "e" / "eval.json").exists()
+
+
 # ----------------------------------------------------------------------------- D6, D7, D8, D10: checkpoints
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .errors import Interrupted, RunError, UserError
 
+DESCRIPTION = "Adversarial transfer learning on timm backbones: RanLI / RoLI, PEFT methods, PGD and AutoAttack."
 EPILOG = "Docs: README.md. Every run directory holds config.yaml, env.json, metrics.jsonl, result.json, log.txt."
 
 
@@ -28,6 +29,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""  # the subcommand, if any
         self.exit(2, f"advtransfer: error: {where}{one_line(message)} (see --help)\n")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is empty or the option's help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        empty = action.default is False or action.default in (None, "", [], argparse.SUPPRESS)
+        if empty or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 HELP = {  # subcommand -> what --help says
@@ -47,23 +58,21 @@ HELP = {  # subcommand -> what --help says
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="advtransfer", epilog=EPILOG, description=__doc__.split("\n")[0])
+    ap = Parser(prog="advtransfer", epilog=EPILOG, description=DESCRIPTION)
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     ap.add_argument("--version", action="version", version=f"advtransfer {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = {}
     for name, text in HELP.items():
-        p[name] = sub.add_parser(
-            name, help=text.split(":")[0], description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        p[name] = sub.add_parser(name, help=text.split(":")[0], description=text, formatter_class=Help)
         p[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    for name, out in (("demo", "runs/demo"), ("report", ""), ("eval", "")):
-        p[name].add_argument(
-            "--out",
-            default=out,
-            help="output directory (report: the first run directory; eval: "
-            "eval.json, masks and the resumable AutoAttack state; default none)",
-        )
+        p[name].add_argument("--version", action="version", version=f"advtransfer {__version__}")
+    for name, out, what in (
+        ("demo", "runs/demo", "output directory"),
+        ("report", "", "output directory (default: the first run directory)"),
+        ("eval", "", "where eval.json, masks and the resumable AutoAttack state go (default: nothing is written)"),
+    ):
+        p[name].add_argument("--out", default=out, help=what)
     p["demo"].add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
     p["demo"].add_argument("--overwrite", action="store_true", help="rerun finished runs")
     for name in ("run", "pretrain"):
