@@ -130,12 +130,21 @@ def parser() -> argparse.ArgumentParser:
     s = p["sweep"]
     s.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, cells, reuse_probe]")
     s.add_argument("--out", required=True, help="root directory of the sweep's run directories")
-    s.add_argument("--workers", type=int, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers")
+    s.add_argument(
+        "--workers", type=_positive, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers"
+    )
     s.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
     s.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
     s.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
     s.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
     return ap
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _kv(items: list[str]) -> dict:

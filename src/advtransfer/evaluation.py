@@ -107,8 +107,6 @@ def autoattack_mask(
     gets a line as each attack starts and ends (robust count, seconds).
     """
     log = log or (lambda msg: None)
-    if version == "custom" and (not attacks or set(attacks) - set(AA_ATTACKS)):
-        raise UserError(f"eval: custom AutoAttack needs attacks from {list(AA_ATTACKS)}, got {list(attacks)}")
     dev = next(model.parameters()).device
     aa, sequence = autoattack(model, eps, norm, num_classes, version=version, attacks=attacks, seed=seed, device=dev)
     key = _state_key(
@@ -197,11 +195,6 @@ def evaluate(
     Works on any ``nn.Module`` mapping ``[0,1]`` images to logits. ``pgd_step_size=None`` means ε/4. Also returns
     ``"n"``, the settings, per-example ``"masks"`` (bool tensors) and ``"flags"`` (sanity warnings, see checks.py).
     """
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad:
-        raise UserError(f"eval: unknown attack(s) {bad}; known: {list(ATTACKS)}")
-    if norm not in ("Linf", "L2"):
-        raise UserError(f"eval: norm must be Linf or L2, got {norm!r}")
     if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
         raise UserError(
             f"eval: need images [N,C,H,W] and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}"
@@ -247,7 +240,14 @@ def evaluate_batches(
 ) -> dict:
     """``evaluate`` over a batch loader of ``n`` examples, sharded over torchrun's ranks (masks gathered).
     AutoAttack runs on the first ``n_autoattack`` examples (0 = all); ``log`` gets its progress and a line before
-    the sanity checks."""
+    the sanity checks. Bad settings are refused before anything runs."""
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad:
+        raise UserError(f"eval: unknown attack(s) {bad}; known: {list(ATTACKS)}")
+    if threat.norm not in ("Linf", "L2"):
+        raise UserError(f"eval: norm must be Linf or L2, got {threat.norm!r}")
+    if "autoattack" in attacks and aa_version == "custom" and (not aa_attacks or set(aa_attacks) - set(AA_ATTACKS)):
+        raise UserError(f"eval: custom AutoAttack needs attacks from {list(AA_ATTACKS)}, got {list(aa_attacks)}")
     was = model.training
     model.eval()
     lo, hi = D.shard_bounds(n)
