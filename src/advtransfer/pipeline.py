@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -173,17 +174,16 @@ def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, rd: R
     return s1 / "best.safetensors"
 
 
-def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool, log=print) -> dict:
+def test_eval(
+    model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool, log: Callable[[str], None] = print
+) -> dict:
     """Clean + PGD on the test split (PGD only on clean-correct examples), AutoAttack on its first
     ``n_autoattack`` examples; streamed, sharded over ranks; masks saved. ``log`` gets the progress. A signal stops
     it with the training state and AutoAttack's finished batches saved."""
     e, dev = cfg.eval, next(model.parameters()).device
     net = compiled(model) if cfg.train.compile else model  # the same weights, evaluation compiled too
-    n_aa = min(e.n_autoattack or len(splits.test), len(splits.test))
-    log(
-        f"{out.name} test: clean + PGD-{e.pgd_steps} on {len(splits.test)} examples"
-        + (f", AutoAttack ({e.aa_version}) on {n_aa}" if autoattack else "")
-    )
+    aa = f", AutoAttack ({e.aa_version}) on {min(e.n_autoattack or len(splits.test), len(splits.test))}"
+    log(f"{out.name} test: clean + PGD-{e.pgd_steps} on {len(splits.test)} examples" + (aa if autoattack else ""))
     with StopRequest() as stop:
         try:
             res = evaluate_batches(
