@@ -10,10 +10,13 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares compatible ranges; constraints.txt pins the exact tested set (pip -c)
+PIP := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1
+	$(PIP) -e '.[test]'
+	$(PIP) --no-deps torchattacks
 	touch $(STAMP)
 
 $(FASHION):

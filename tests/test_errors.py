@@ -13,6 +13,7 @@ fuzzes the config file and ``--set`` syntax through ``main``: the only outcomes 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import gzip
 import hashlib
@@ -269,6 +270,98 @@ def probe_dir(ctx: Ctx, head_classes: int, method: str = "linear") -> Path:
     return d
 
 
+def with_metadata(ctx: Ctx, change: Callable[[dict], None], name: str = "meta.safetensors") -> Path:
+    """A copy of the source checkpoint whose metadata spec (a dict) went through ``change``."""
+    from safetensors import safe_open
+
+    with safe_open(str(ctx.source), "pt") as f:
+        meta = f.metadata()
+    spec = json.loads(meta["advtransfer"])
+    change(spec)
+    path = ctx.tmp / name
+    save_file(load_file(str(ctx.source)), str(path), metadata={**meta, "advtransfer": json.dumps(spec)})
+    return path
+
+
+def tiny_state(**changes) -> dict[str, torch.Tensor]:
+    """The backbone state dict of the tiny ViT, seeded."""
+    torch.manual_seed(0)
+    return build(ModelSpec("vit_tiny_patch16_224", dict(TINY, **changes), 10)).backbone.state_dict()
+
+
+def foreign(ctx: Ctx, obj, name: str, *extra: str) -> list[str]:
+    """``eval`` of ``obj`` saved with ``torch.save`` as a foreign file of the tiny ViT's architecture."""
+    torch.save(obj, ctx.tmp / name)
+    kwargs = [f"{k}={v}" for k, v in TINY.items()]
+    return ["eval", "--checkpoint", str(ctx.tmp / name), "--data", "mnist", "--backbone", "vit_tiny_patch16_224"] + [
+        *kwargs,
+        *extra,
+    ]
+
+
+def compact_checkpoint(ctx: Ctx, *, then: Callable[[Path], None]) -> list[str]:
+    """``eval`` of a compact (head-only) checkpoint of a copy of the source, after ``then(copy)``."""
+    from advtransfer.checkpoints import compact_keys, source_of
+    from advtransfer.methods import apply_method
+
+    src = ctx.tmp / "src.safetensors"
+    src.write_bytes(ctx.source.read_bytes())
+    spec = ModelSpec("vit_tiny_patch16_224", dict(TINY), 10, mean=[0.5], std=[0.5], trained=source_of(src))
+    spec.method = {"name": "linear", "options": {}}
+    model = apply_method(build(spec), "linear", {})
+    save_checkpoint(model, spec, ctx.tmp / "compact.safetensors", only=compact_keys(model))
+    then(src)
+    return ["eval", "--checkpoint", str(ctx.tmp / "compact.safetensors"), "--data", "mnist", "--n", "8"]
+
+
+def grid(ctx: Ctx, text: str, *extra: str) -> list[str]:
+    """``sweep`` of a grid file holding ``text`` (a dry run unless ``extra`` says otherwise)."""
+    path = ctx.write("grid.yaml", text)
+    return ["sweep", str(path), "--out", str(ctx.out), *(extra or ["--dry-run"])]
+
+
+def locked(ctx: Ctx) -> list[str]:
+    """A run directory whose lock another holder has (this process, through a second open file)."""
+    import fcntl
+
+    argv = resumable_run(ctx)
+    ctx.held = open(ctx.out / ".lock", "a+")  # noqa: SIM115 - test_bad_input closes it
+    fcntl.flock(ctx.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    ctx.held.write(str(os.getpid()))
+    ctx.held.flush()
+    return argv
+
+
+def killed_overwrite(ctx: Ctx) -> list[str]:
+    """An overwrite killed mid-run: the old finished run aside in .replaced/, the new run's files in place."""
+    argv = resumable_run(ctx)
+    (ctx.out / ".replaced").mkdir()
+    (ctx.out / ".replaced" / "result.json").write_text("{}")
+    (ctx.out / ".replaced" / "config.yaml").write_text("seed: 0\n")
+    return argv[:-1]  # neither --resume nor --overwrite
+
+
+def foreign_state(ctx: Ctx) -> list[str]:
+    """A resume state written by a run of another architecture."""
+    from advtransfer.checkpoints import save_state
+    from advtransfer.config import TrainConfig
+    from advtransfer.train import make_optimizer, make_scheduler
+
+    argv = resumable_run(ctx)
+    model = build(ModelSpec("vit_tiny_patch16_224", dict(TINY, depth=1), 10))
+    opt = make_optimizer(model, TrainConfig())
+    progress = {"epoch": 0, "step": 1, "best": None, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    save_state(ctx.out / "state.safetensors", model, opt, make_scheduler(opt, TrainConfig(), 2), progress)
+    return argv
+
+
+def split_file(ctx: Ctx, text: str, name: str = "split.txt") -> list[str]:
+    """``run`` on the image folder with a split file holding ``text``."""
+    return ctx.run(
+        "data.name=imagefolder", f"data.root={image_folder(ctx)}", f"data.split_file={ctx.write(name, text)}"
+    )
+
+
 # ----------------------------------------------------------------------------- the matrix
 
 
@@ -331,6 +424,24 @@ CASES: dict[str, Case] = {
         lambda c: ["run", str(c.write("bin.yaml", b"\xff\xfe\x00\x81")), "--out", str(c.out)], ("not a text file",)
     ),
     "config-file-missing": Case(lambda c: ["run", str(c.tmp / "nope.yaml"), "--out", str(c.out)], ("not found",)),
+    "config-custom-autoattack-unknown-attack": Case(
+        lambda c: c.run("eval.aa_version=custom", "eval.aa_attacks=zzz"), ("eval.aa_attacks", "zzz")
+    ),
+    "config-custom-autoattack-without-attacks": Case(
+        lambda c: c.run("eval.aa_version=custom", "eval.aa_attacks=[]"), ("eval.aa_attacks", "custom")
+    ),
+    "config-std-zero": Case(lambda c: c.run("model.std=[0]"), ("model.std", "> 0")),
+    "config-mean-not-finite": Case(lambda c: c.run("model.mean=[.nan]", "model.std=[0.5]"), ("model.mean", "finite")),
+    "config-mean-std-wrong-length": Case(
+        lambda c: c.run("model.mean=[0.5, 0.5]", "model.std=[0.5, 0.5]"), ("mean/std need 1 values",)
+    ),
+    "config-step-size-zero": Case(lambda c: c.run("attack.step_size=0"), ("attack.step_size", "> 0")),
+    "config-workers-negative": Case(lambda c: c.run("data.workers=-1"), ("data.workers", "'auto'")),
+    "config-log-every-zero": Case(lambda c: c.run("track.log_every=0"), ("track.log_every", "> 0")),
+    "config-wandb-not-installed": Case(
+        lambda c: (c.mp.setitem(sys.modules, "wandb", None), c.run("track.wandb=true"))[1],
+        ("track.wandb", "not installed"),
+    ),
     "set-missing-key": Case(lambda c: c.run("nothing.here=1"), ("unknown key", "nothing.here")),
     "set-without-equals": Case(lambda c: c.run("train.lr"), ("KEY=VALUE", "train.lr")),
     "set-sub-key-of-a-scalar": Case(lambda c: c.run("train.lr.x=1"), ("no sub-keys",)),
@@ -359,6 +470,73 @@ CASES: dict[str, Case] = {
         lambda c: ["report", str(c.write("r/result.json", "{broken").parent)], ("not valid JSON",)
     ),
     "methods-unknown-backbone": Case(lambda c: ["methods", "--backbone", "nonet_7"], ("nonet_7",)),
+    "eval-pgd-steps-zero": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--pgd-steps", "0"],
+        ("--pgd-steps", ">= 1"),
+    ),
+    "eval-mean-not-numbers": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--backbone", "x", "--mean", "a,b"],
+        ("--mean", "'a,b'"),
+    ),
+    "eval-unknown-attack": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--n", "8", "--attacks", "clean,fgsm"],
+        ("unknown attack", "fgsm"),
+    ),
+    "eval-custom-autoattack-without-attacks": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--n", "8", "--aa-version", "custom"],
+        ("custom AutoAttack", "apgd-ce"),
+    ),
+    "eval-eps-above-one-linf": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--eps", "0,2"], ("--eps", "<= 1")
+    ),
+    "eval-invalid-norm": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "--norm", "L3"], ("--norm", "L3")
+    ),
+    "report-empty-directory": Case(
+        lambda c: (c.tmp.joinpath("runs").mkdir(), ["report", str(c.tmp / "runs")])[1], ("no result.json",)
+    ),
+    "report-result-not-a-card": Case(
+        lambda c: ["report", str(c.write("r/result.json", "[1, 2]").parent)], ("does not hold a result card",)
+    ),
+    "sweep-grid-missing": Case(lambda c: ["sweep", str(c.tmp / "none.yaml"), "--out", str(c.out)], ("not found",)),
+    "sweep-unknown-top-key": Case(lambda c: grid(c, "{base: {}, grid: {seed: [0]}, axes: 1}"), ("top-level", "axes")),
+    "sweep-empty-axis": Case(lambda c: grid(c, "{base: {}, grid: {seed: []}}"), ("non-empty list",)),
+    "sweep-axis-not-a-config-key": Case(lambda c: grid(c, "{base: {}, grid: {foo: [1]}}"), ("axis 'foo'",)),
+    "sweep-exclude-unknown-axis": Case(
+        lambda c: grid(c, "{base: {}, grid: {seed: [0]}, exclude: [{nope: 1}]}"), ("exclude", "nope")
+    ),
+    "sweep-exclude-matches-nothing": Case(
+        lambda c: grid(c, "{base: {}, grid: {seed: [0, 1]}, exclude: [{seed: 7}]}"), ("matches no entry",)
+    ),
+    "sweep-cells-rule-malformed": Case(
+        lambda c: grid(c, "{base: {}, grid: {seed: [0]}, cells: [{when: 1}]}"), ("cells rule must be",)
+    ),
+    "sweep-cells-unknown-axis": Case(
+        lambda c: grid(c, "{base: {}, grid: {seed: [0]}, cells: [{when: {nope: a}, set: {train.lr: 1}}]}"),
+        ("cells rule", "unknown axis"),
+    ),
+    "sweep-reuse-probe-not-a-bool": Case(
+        lambda c: grid(c, "{base: {}, grid: {seed: [0]}, reuse_probe: 3}"), ("reuse_probe", "true or false")
+    ),
+    "sweep-entry-bad-config": Case(
+        lambda c: grid(c, "{base: {train: {lrr: 1}}, grid: {seed: [0]}}"), ("entry seed0", "train.lrr")
+    ),
+    "sweep-duplicate-run-names": Case(
+        lambda c: grid(c, "{base: {}, grid: {method: [{name: lora}, {name: lora}]}}"), ("both named lora",)
+    ),
+    "sweep-roli-without-linear-run": Case(
+        lambda c: grid(c, "{base: {method: {name: full, init: roli, probe_run: '{probe}'}}, grid: {seed: [0]}}"),
+        ("RoLI entry", "no matching linear run"),
+    ),
+    "sweep-workers-zero": Case(
+        lambda c: grid(c, "{base: {}, grid: {seed: [0]}}", "--workers", "0"), ("--workers", ">= 1")
+    ),
+    "sweep-checkpoint-missing": Case(
+        lambda c: grid(
+            c, f"{{base: {{model: {{checkpoint: {c.tmp / 'gone.pt'}}}}}, grid: {{seed: [0]}}}}", "--no-report"
+        ),
+        ("checkpoint(s) not found", "gone.pt"),
+    ),
     # --- data
     "data-missing-directory": Case(
         lambda c: c.run("data.name=imagefolder", f"data.root={c.tmp / 'no_such_dir'}"),
@@ -426,6 +604,41 @@ CASES: dict[str, Case] = {
     "data-images-labels-count-differ": Case(
         lambda c: (patched_idx(c, "t10k-labels-idx1-ubyte.gz", _idx(np.zeros(7))), c.run())[1],
         ("20 images", "7 labels"),
+    ),
+    "data-validation-split-takes-every-image": Case(
+        lambda c: c.run("data.n_val=100000", "data.n_train=200"), ("data.n_val=100000", "data.n_train=200")
+    ),
+    "data-composite-malformed-name": Case(lambda c: c.run("data.name=mnist[0-4"), ("bad dataset name",)),
+    "data-composite-class-out-of-range": Case(lambda c: c.run("data.name=mnist[0-12]"), ("no class 10",)),
+    "data-composite-empty-range": Case(
+        lambda c: c.run("data.name=mnist[5-2]+fashion-mnist[0-4]"), ("empty class range", "5-2")
+    ),
+    "data-composite-class-twice": Case(lambda c: c.run("data.name=mnist[1,1]"), ("selects a class twice",)),
+    "data-composite-different-kinds": Case(
+        lambda c: c.run("data.name=fashion-mnist[0-1]+imagefolder", f"data.root={image_folder(c)}"),
+        ("must share image size and channels",),
+    ),
+    "data-imagefolder-without-root": Case(lambda c: c.run("data.name=imagefolder"), ("needs data.root",)),
+    "data-imagefolder-test-class-not-in-train": Case(
+        lambda c: (
+            png(image_folder(c) / "test" / "bird" / "0.png"),
+            c.run("data.name=imagefolder", f"data.root={c.tmp / 'images'}"),
+        )[1],
+        ("bird", "no folder under"),
+    ),
+    "data-split-file-wrong-field-count": Case(
+        lambda c: split_file(c, "train/cat/0.png 0\n"), ("line 1", "expected 3 fields")
+    ),
+    "data-split-file-unknown-split": Case(lambda c: split_file(c, "train/cat/0.png 0 dev\n"), ("unknown split 'dev'",)),
+    "data-split-file-image-twice": Case(
+        lambda c: split_file(c, "train/cat/0.png 0 train\ntrain/cat/0.png 0 test\n"), ("already listed",)
+    ),
+    "data-split-file-label-gap": Case(
+        lambda c: split_file(c, "train/cat/0.png 0 train\ntrain/dog/0.png 2 test\n"), ("without gaps", "1 has no image")
+    ),
+    "data-split-file-missing-image": Case(lambda c: split_file(c, "train/cat/9.png 0 train\n"), ("missing", "9.png")),
+    "data-split-file-json-not-a-mapping": Case(
+        lambda c: split_file(c, "[1, 2]", "split.json"), ("must map train, test",)
     ),
     # --- checkpoints
     "checkpoint-missing": Case(lambda c: c.run(f"model.checkpoint={c.tmp / 'gone.safetensors'}"), ("not found",)),
@@ -504,6 +717,81 @@ CASES: dict[str, Case] = {
     "checkpoint-roli-probe-run-without-best": Case(
         lambda c: c.run("method.init=roli", f"method.probe_run={c.tmp}"), ("probe_run", "no best.safetensors")
     ),
+    "checkpoint-metadata-field-wrong-type": Case(
+        lambda c: c.run(f"model.checkpoint={with_metadata(c, lambda s: s.update(method='full'))}"), ("field 'method'",)
+    ),
+    "checkpoint-metadata-mean-not-finite": Case(
+        lambda c: c.run(f"model.checkpoint={with_metadata(c, lambda s: s.update(mean=[float('nan')]))}"),
+        ("field 'mean'", "finite"),
+    ),
+    "checkpoint-integer-weight": Case(
+        lambda c: foreign(
+            c,
+            {**tiny_state(), "cls_token": tiny_state()["cls_token"].to(torch.int32)},
+            "int.pt",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+        ),
+        ("cls_token is torch.int32, expected torch.float32",),
+    ),
+    "checkpoint-foreign-without-mean-std": Case(lambda c: foreign(c, tiny_state(), "ares.pth"), ("no mean/std",)),
+    "checkpoint-normaliser-disagrees": Case(
+        lambda c: foreign(
+            c,
+            {
+                "0.mean": torch.tensor([0.5]),
+                "0.std": torch.tensor([0.5]),
+                **{f"1.{k}": v for k, v in tiny_state().items()},
+            },
+            "robustbench.pt",
+            "--mean",
+            "0.1",
+            "--std",
+            "0.2",
+        ),
+        ("normalises with mean [0.5]", "not the given ones"),
+    ),
+    "checkpoint-foreign-without-head": Case(
+        lambda c: foreign(
+            c,
+            {k: v for k, v in tiny_state().items() if not k.startswith("head.")},
+            "nohead.pt",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+        ),
+        ("no classifier head",),
+    ),
+    "checkpoint-timm-saver-other-architecture": Case(
+        lambda c: foreign(
+            c,
+            {"state_dict": tiny_state(depth=1), "args": argparse.Namespace(model="vit"), "epoch": 3},
+            "timm.pth.tar",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+        ),
+        ("does not fit", "blocks.1"),
+    ),
+    "checkpoint-compact-source-changed": Case(
+        lambda c: compact_checkpoint(
+            c,
+            then=lambda p: save_file(
+                {k: v + 1 for k, v in load_file(str(p)).items()}, str(p), metadata={"advtransfer": "{}"}
+            ),
+        ),
+        ("compact", "changed since"),
+    ),
+    "checkpoint-compact-source-missing": Case(
+        lambda c: compact_checkpoint(c, then=lambda p: p.unlink()), ("compact", "is missing")
+    ),
+    "checkpoint-kwargs-without-backbone": Case(
+        lambda c: ["eval", "--checkpoint", str(c.source), "--data", "mnist", "img_size=28"], ("go with --backbone",)
+    ),
     # --- run directories
     "rundir-finished-without-overwrite": Case(
         lambda c: (finished_run(c), c.run())[1], ("finished run", "--overwrite"), leaves="untouched"
@@ -520,6 +808,25 @@ CASES: dict[str, Case] = {
         lambda c: resumable_run(c, **{"train.lr": 0.5}), ("differs", "train.lr"), leaves="untouched"
     ),
     "rundir-resume-damaged-state": Case(damaged_state, ("state.safetensors", "damaged"), leaves="kept"),
+    "rundir-locked-by-another-run": Case(locked, ("in use by process",), leaves="untouched"),
+    "rundir-after-a-killed-overwrite-without-flags": Case(
+        killed_overwrite, ("not empty", "--resume"), leaves="untouched"
+    ),
+    "rundir-resume-unreadable-config": Case(
+        lambda c: (resumable_run(c), (c.out / "config.yaml").write_text("train: [1\n"), c.run() + ["--resume"])[2],
+        ("cannot resume", "unreadable"),
+        leaves="untouched",
+    ),
+    "rundir-resume-without-config-beside-other-files": Case(
+        lambda c: (c.write("run/notes.txt", "mine"), c.run() + ["--resume"])[1],
+        ("nothing to resume", "other files"),
+        leaves="untouched",
+    ),
+    "rundir-out-cannot-be-created": Case(
+        lambda c: (setattr(c, "out", c.write("file.txt", "x") / "run"), ["run", c.config(), "--out", str(c.out)])[1],
+        ("cannot create run directory",),
+    ),
+    "rundir-resume-state-of-another-model": Case(foreign_state, ("does not fit this run",), leaves="kept"),
 }
 
 
@@ -538,11 +845,13 @@ def test_bad_input(kind, tmp_path, source, monkeypatch, capsys):
         no_partial_output(ctx.out, fresh_bad_input=case.leaves == "nothing")
     if kind.startswith("checkpoint-malicious"):
         assert not (tmp_path / "PWNED").exists(), "the pickle ran code"
+    if hasattr(ctx, "held"):  # a lock this test held on purpose
+        ctx.held.close()
 
 
-def test_matrix_covers_at_least_30_kinds():
-    assert len(CASES) >= 30
-    for area in ("config", "set", "usage", "data", "checkpoint", "rundir"):
+def test_matrix_covers_at_least_100_kinds():
+    assert len(CASES) >= 100
+    for area in ("config", "set", "usage", "eval", "report", "sweep", "data", "checkpoint", "rundir"):
         assert any(k.startswith(area) for k in CASES), area
 
 

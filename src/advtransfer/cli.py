@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from . import __version__
 from .errors import Interrupted, RunError, UserError
 
+DESCRIPTION = "Adversarial transfer learning on timm backbones: RanLI / RoLI, PEFT methods, PGD and AutoAttack."
 EPILOG = "Docs: README.md. Every run directory holds config.yaml, env.json, metrics.jsonl, result.json, log.txt."
 
 
@@ -26,6 +29,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""  # the subcommand, if any
         self.exit(2, f"advtransfer: error: {where}{one_line(message)} (see --help)\n")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is empty or the option's help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        empty = action.default is False or action.default in (None, "", [], argparse.SUPPRESS)
+        if empty or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 HELP = {  # subcommand -> what --help says
@@ -45,23 +58,21 @@ HELP = {  # subcommand -> what --help says
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="advtransfer", epilog=EPILOG, description=__doc__.split("\n")[0])
+    ap = Parser(prog="advtransfer", epilog=EPILOG, description=DESCRIPTION)
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     ap.add_argument("--version", action="version", version=f"advtransfer {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = {}
     for name, text in HELP.items():
-        p[name] = sub.add_parser(
-            name, help=text.split(":")[0], description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        p[name] = sub.add_parser(name, help=text.split(":")[0], description=text, formatter_class=Help)
         p[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    for name, out in (("demo", "runs/demo"), ("report", ""), ("eval", "")):
-        p[name].add_argument(
-            "--out",
-            default=out,
-            help="output directory (report: the first run directory; eval: "
-            "eval.json, masks and the resumable AutoAttack state; default none)",
-        )
+        p[name].add_argument("--version", action="version", version=f"advtransfer {__version__}")
+    for name, out, what in (
+        ("demo", "runs/demo", "output directory"),
+        ("report", "", "output directory (default: the first run directory)"),
+        ("eval", "", "where eval.json, masks and the resumable AutoAttack state go (default: nothing is written)"),
+    ):
+        p[name].add_argument("--out", default=out, help=what)
     p["demo"].add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
     p["demo"].add_argument("--overwrite", action="store_true", help="rerun finished runs")
     for name in ("run", "pretrain"):
@@ -99,7 +110,6 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"], help="PGD loss")
     e.add_argument(
         "--aa-version",
-        "--version",
         dest="aa_version",
         default="standard",
         choices=["standard", "custom"],
@@ -120,12 +130,21 @@ def parser() -> argparse.ArgumentParser:
     s = p["sweep"]
     s.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, cells, reuse_probe]")
     s.add_argument("--out", required=True, help="root directory of the sweep's run directories")
-    s.add_argument("--workers", type=int, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers")
+    s.add_argument(
+        "--workers", type=_positive, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers"
+    )
     s.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
     s.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
     s.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
     s.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
     return ap
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _kv(items: list[str]) -> dict:
@@ -252,14 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not args.debug:
         warnings.filterwarnings("ignore")
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM (SLURM, kill) ends like Ctrl-C: locks released, partial files removed, exit 130; safe points defer both
+    old_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    again = {"run": "; continue with --resume", "pretrain": "; continue with --resume", "demo": "; rerun to continue"}
+    if args.cmd == "eval" and args.out:
+        again["eval"] = "; rerun with the same --out to continue"
     try:
         COMMANDS[args.cmd](args)
         return 0
-    except KeyboardInterrupt:
-        print("advtransfer: interrupted", file=sys.stderr)
-        return 130
-    except Interrupted as e:
-        print(f"advtransfer: {one_line(str(e))}; continue with --resume", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"advtransfer: {one_line(str(e)) or 'interrupted'}{again.get(args.cmd, '')}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:
@@ -273,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"advtransfer: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term is None else old_term)
 
 
 def one_line(text: str) -> str:

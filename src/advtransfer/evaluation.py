@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +79,7 @@ def clean_pgd_masks(
         out["clean"][pos[chunk]] = c.cpu()
         if threat is not None:
             out["pgd"][pos[chunk]] = pgd_correct(model, x, y, threat, restarts=restarts, loss=loss, only=c).cpu()
-        _check_stop(stop, "the test evaluation (rerun with --resume)")
+        _check_stop(stop, "the clean/PGD evaluation")
     return out
 
 
@@ -96,15 +97,16 @@ def autoattack_mask(
     seed: int = 0,
     state_path: Path | None = None,
     stop: StopRequest | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Per-example AutoAttack mask over ``idx`` (True = robust) starting from the ``clean`` mask, and its settings.
 
     Each attack of the version runs over the examples still robust, batch by batch; the JSON state at
     ``state_path`` records the mask after every batch, so an interrupted evaluation continues where it stopped
-    (pyautoattack 0.2.0's own state file cannot be reloaded: it writes the attack set as a Python repr).
+    (pyautoattack 0.2.0's own state file cannot be reloaded: it writes the attack set as a Python repr). ``log``
+    gets a line as each attack starts and ends (robust count, seconds).
     """
-    if version == "custom" and (not attacks or set(attacks) - set(AA_ATTACKS)):
-        raise UserError(f"eval: custom AutoAttack needs attacks from {list(AA_ATTACKS)}, got {list(attacks)}")
+    log = log or (lambda msg: None)
     dev = next(model.parameters()).device
     aa, sequence = autoattack(model, eps, norm, num_classes, version=version, attacks=attacks, seed=seed, device=dev)
     key = _state_key(
@@ -114,19 +116,22 @@ def autoattack_mask(
     robust = torch.tensor(state["robust"], dtype=torch.bool)
     for attack in sequence:
         if attack in state["done"]:
+            log(f"AutoAttack {attack}: done before this process, {int(robust.sum())} of {len(idx)} robust")
             continue
-        todo = robust.nonzero().squeeze(1)
+        todo, t0 = robust.nonzero().squeeze(1), time.time()
         todo = todo[todo >= state.get("upto", -1)] if state.get("attack") == attack else todo
+        log(f"AutoAttack {attack}: attacking {len(todo)} of {len(idx)} examples")
         for chunk, x, y in load(idx[todo]):
             at = todo[: len(chunk)]
             todo = todo[len(chunk) :]
             robust[at] = autoattack_correct(aa, attack, x, y, model).cpu()
             state.update(robust=robust.tolist(), attack=attack, upto=int(todo[0]) if len(todo) else len(idx))
             _save_state(state_path, state)
-            _check_stop(stop, f"AutoAttack {attack} (finished batches are saved; rerun with --resume)")
+            _check_stop(stop, f"AutoAttack {attack}" + (" (its finished batches are saved)" if state_path else ""))
         state["done"].append(attack)
         state["per_attack"][attack] = robust.float().mean().item()
         _save_state(state_path, state)
+        log(f"AutoAttack {attack}: {int(robust.sum())} of {len(idx)} robust ({time.time() - t0:.1f} s)")
     import pyautoattack
 
     settings = {
@@ -190,11 +195,6 @@ def evaluate(
     Works on any ``nn.Module`` mapping ``[0,1]`` images to logits. ``pgd_step_size=None`` means ε/4. Also returns
     ``"n"``, the settings, per-example ``"masks"`` (bool tensors) and ``"flags"`` (sanity warnings, see checks.py).
     """
-    bad = [a for a in attacks if a not in ATTACKS]
-    if bad:
-        raise UserError(f"eval: unknown attack(s) {bad}; known: {list(ATTACKS)}")
-    if norm not in ("Linf", "L2"):
-        raise UserError(f"eval: norm must be Linf or L2, got {norm!r}")
     if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
         raise UserError(
             f"eval: need images [N,C,H,W] and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}"
@@ -236,9 +236,18 @@ def evaluate_batches(
     num_classes: int | None = None,
     checks: bool = True,
     stop: StopRequest | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """``evaluate`` over a batch loader of ``n`` examples, sharded over torchrun's ranks (masks gathered).
-    AutoAttack runs on the first ``n_autoattack`` examples (0 = all)."""
+    AutoAttack runs on the first ``n_autoattack`` examples (0 = all); ``log`` gets its progress and a line before
+    the sanity checks. Bad settings are refused before anything runs."""
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad:
+        raise UserError(f"eval: unknown attack(s) {bad}; known: {list(ATTACKS)}")
+    if threat.norm not in ("Linf", "L2"):
+        raise UserError(f"eval: norm must be Linf or L2, got {threat.norm!r}")
+    if "autoattack" in attacks and aa_version == "custom" and (not aa_attacks or set(aa_attacks) - set(AA_ATTACKS)):
+        raise UserError(f"eval: custom AutoAttack needs attacks from {list(AA_ATTACKS)}, got {list(aa_attacks)}")
     was = model.training
     model.eval()
     lo, hi = D.shard_bounds(n)
@@ -286,13 +295,17 @@ def evaluate_batches(
                     seed=seed,
                     state_path=state,
                     stop=stop,
+                    log=log,
                 )
                 res["masks"]["autoattack"] = D.gather_cat(mask.to(torch.uint8), n_aa).bool()
                 res["n_autoattack"] = n_aa
             for key, mask in res["masks"].items():
                 res[key] = mask.float().mean().item()
             if checks:
+                if log is not None:
+                    log(f"sanity checks on {min(n, 100)} examples (checks.py)")
                 res["flags"] = _flags(model, load, res, threat, k_classes, was)
+            _check_stop(stop, "the sanity checks")  # a signal since the last batch is never lost
     finally:
         model.train(was)
     return res

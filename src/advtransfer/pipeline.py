@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from .config import Init, RunConfig, probe_problems, to_dict
 from .configfile import load_config
 from .data import load_splits, worker_count
 from .datasets import Splits
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .evaluation import evaluate_batches, split_batches
 from .methods import apply_method, count
 from .models import PREPROCESS, Classifier, ModelSpec, build, compiled, is_convnet
@@ -168,33 +169,41 @@ def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, rd: R
         lin = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "linear", "options": {}})})
         lin_spec = spec.model_copy(update={"method": {"name": "linear", "options": {}}})
         model, progress = run_stage(lin, splits, lin_spec, s1, "probe", rd)
-        res = test_eval(model, splits, lin, s1, autoattack=False)
+        res = test_eval(model, splits, lin, s1, autoattack=False, log=rd.log)
         write_json(s1 / RESULT, result_card(lin, lin_spec, model, progress, {**res, "n_train": len(splits.train)}))
     return s1 / "best.safetensors"
 
 
-def test_eval(model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool) -> dict:
+def test_eval(
+    model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool, log: Callable[[str], None] = print
+) -> dict:
     """Clean + PGD on the test split (PGD only on clean-correct examples), AutoAttack on its first
-    ``n_autoattack`` examples; streamed, sharded over ranks; masks saved. A signal stops it with AutoAttack's
-    finished batches saved."""
+    ``n_autoattack`` examples; streamed, sharded over ranks; masks saved. ``log`` gets the progress. A signal stops
+    it with the training state and AutoAttack's finished batches saved."""
     e, dev = cfg.eval, next(model.parameters()).device
     net = compiled(model) if cfg.train.compile else model  # the same weights, evaluation compiled too
+    aa = f", AutoAttack ({e.aa_version}) on {min(e.n_autoattack or len(splits.test), len(splits.test))}"
+    log(f"{out.name} test: clean + PGD-{e.pgd_steps} on {len(splits.test)} examples" + (aa if autoattack else ""))
     with StopRequest() as stop:
-        res = evaluate_batches(
-            net,
-            split_batches(splits.test, e.batch_size, dev, worker_count(cfg.data)),
-            len(splits.test),
-            Threat.of(cfg.attack, e.pgd_steps),
-            attacks=("clean", "pgd", "autoattack") if autoattack else ("clean", "pgd"),
-            restarts=e.pgd_restarts,
-            seed=cfg.seed,
-            aa_version=e.aa_version,
-            aa_attacks=e.aa_attacks,
-            aa_state=out / "autoattack_state.json",
-            n_autoattack=e.n_autoattack,
-            num_classes=splits.num_classes,
-            stop=stop,
-        )
+        try:
+            res = evaluate_batches(
+                net,
+                split_batches(splits.test, e.batch_size, dev, worker_count(cfg.data)),
+                len(splits.test),
+                Threat.of(cfg.attack, e.pgd_steps),
+                attacks=("clean", "pgd", "autoattack") if autoattack else ("clean", "pgd"),
+                restarts=e.pgd_restarts,
+                seed=cfg.seed,
+                aa_version=e.aa_version,
+                aa_attacks=e.aa_attacks,
+                aa_state=out / "autoattack_state.json",
+                n_autoattack=e.n_autoattack,
+                num_classes=splits.num_classes,
+                stop=stop,
+                log=log,
+            )
+        except Interrupted as why:
+            raise Interrupted(f"{why}; state saved in {out}") from None
     masks = {k: v.to(torch.uint8) for k, v in res["masks"].items()}
     atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
     card = {
@@ -276,7 +285,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     if refused is not None or n_refused:
         raise refused or UserError(f"run: rank 0 refused {out} (its message says why)")
     rd = rd or RunDir.follower(resuming > 0)  # other torchrun ranks follow rank 0's decision and write nothing
-    ok, discard = False, False
+    ok, discard, keep = False, False, False
     try:
         card = _run(cfg, out, rd)
         ok = True
@@ -286,8 +295,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         # stays (no result.json), so a run that met e.g. a bad image late can be fixed and resumed.
         discard = not rd.resuming and not any(out.rglob("state.safetensors"))
         raise
+    except (Interrupted, KeyboardInterrupt):
+        keep = True  # --resume continues it (a run it replaces stays aside until then)
+        raise
     finally:
-        rd.release(ok, discard=discard)
+        rd.release(ok, discard=discard, keep=keep)
 
 
 def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
@@ -315,7 +327,7 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     best = progress["best"]
     rd.log(f"best epoch {best['epoch'] + 1}: val clean {best['val_clean']:.4f} val pgd {best['val_pgd']:.4f}; testing")
     t_test = time.time()
-    res = test_eval(model, splits, cfg, final, cfg.eval.autoattack)
+    res = test_eval(model, splits, cfg, final, cfg.eval.autoattack, log=rd.log)
     res.update(n_train=len(splits.train), n_val=len(splits.val), preprocessing_from=origin, hardware=hardware)
     card = result_card(cfg, spec, model, progress, res)
     stage1 = out / "stage1" / RESULT

@@ -132,15 +132,15 @@ class RunDir:
 
     Decides how the run starts: fresh (new or empty directory), resumed (``resume`` and an equal ``config.yaml``), or
     replacing a finished run (``overwrite``). Overwriting moves the old run's files into ``.replaced/`` and only
-    deletes them once the new run has finished (``finish``); if the new run fails they are put back (``release``), and
-    if it is killed they stay in ``.replaced/`` until a later run finishes. The kernel drops the lock when its process
-    dies; every other ending releases it.
+    deletes them once the new run has finished (``release``); if the new run fails they are put back, and if it is
+    killed or interrupted they stay in ``.replaced/`` until a later run finishes. A refused run changes nothing. The
+    kernel drops the lock when its process dies; every other ending releases it.
     """
 
     def __init__(self, path: str | Path, config: dict, *, resume: bool = False, overwrite: bool = False) -> None:
         if resume and overwrite:
             raise UserError("run: --resume and --overwrite contradict each other; choose one")
-        self.path, self._fd, self.resuming = Path(path), None, False
+        self.path, self._fd, self.resuming, self.replacing = Path(path), None, False, False
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run: --out {self.path} is a file, not a directory")
         self.created = not self.path.exists()
@@ -152,14 +152,15 @@ class RunDir:
         try:
             self.resuming = self._decide(config, resume, overwrite)
         except BaseException:
-            self.release(ok=False)
+            self._unlock()  # a refused run changes nothing
             raise
+        self.replacing = (self.path / REPLACED).is_dir()
 
     @classmethod
     def follower(cls, resuming: bool) -> RunDir:
         """The run directory as a torchrun rank other than 0 sees it: rank 0's decision, no lock, no writes."""
         rd = cls.__new__(cls)
-        rd.path, rd._fd, rd.resuming, rd.created = None, None, resuming, False
+        rd.path, rd._fd, rd.resuming, rd.created, rd.replacing = None, None, resuming, False, False
         return rd
 
     def _own(self) -> list[Path]:
@@ -233,30 +234,36 @@ class RunDir:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
 
-    def release(self, ok: bool, discard: bool = False) -> None:
-        """Unlock. ``ok``: the run finished, so a replaced old run is deleted; otherwise it is put back. ``discard``:
+    def release(self, ok: bool, discard: bool = False, keep: bool = False) -> None:
+        """Unlock. ``ok``: the run finished, so a replaced old run is deleted. A failed run that was replacing one is
+        removed and the old run put back, unless ``keep`` (interrupted: both stay, ``--resume`` continues). ``discard``:
         remove what this (fresh, failed) run wrote, and the directory if this run created it."""
         if self.path is None:  # a follower
             return
         aside = self.path / REPLACED
+        restore = self.replacing and not ok and not keep
         try:
-            if discard or (not ok and aside.is_dir()):
+            if restore:
+                self.log(f"this run failed: the finished run it was replacing is put back from {aside}")
+            if discard or restore:
                 self._remove(self._own())
-            if aside.is_dir():
-                if not ok:
-                    for p in aside.iterdir():
-                        p.rename(self.path / p.name)
+            if self.replacing and not keep:
+                for p in aside.iterdir() if restore else ():
+                    p.rename(self.path / p.name)
                 shutil.rmtree(aside)
         finally:
-            if self._fd is not None:
-                (self.path / LOCK).unlink(missing_ok=True)
-                os.close(self._fd)
-                self._fd = None
+            self._unlock()
             if discard and self.created:
                 try:
                     self.path.rmdir()  # only if empty: never removes anything it did not create
                 except OSError:
                     pass
+
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            (self.path / LOCK).unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
     def log(self, msg: str) -> None:
         if self.path is None:
