@@ -283,7 +283,10 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Splits:
     else:
         notes.append(f"data: validation split from data.split_file ({len(val)} images); data.n_val ignored")
     if cfg.n_train > len(rest):
-        notes.append(f"data: data.n_train={cfg.n_train} but only {len(rest)} training images remain; using them all")
+        raise UserError(
+            f"data: data.n_train={cfg.n_train} but only {len(rest)} training images remain after the "
+            f"{len(train) - len(rest)} validation images (data.n_val={cfg.n_val})"
+        )
     if cfg.n_train:
         rest = rest[_perm(len(rest), seed)][: cfg.n_train] if cfg.resample else rest[: cfg.n_train]
     train = train.subset(rest)

@@ -60,12 +60,15 @@ def find_results(dirs: list[Path]) -> list[tuple[Path, dict]]:
         for p in sorted(Path(d).rglob("result.json")):
             if p.parent.name in ("stage1", "stage2") and (p.parent.parent / "result.json").exists():
                 continue
+            if ".replaced" in p.parts:  # the old run a killed --overwrite keeps aside
+                continue
             try:
                 card = json.loads(p.read_text())
             except (ValueError, UnicodeDecodeError):
                 raise UserError(f"report: {p} is not valid JSON") from None
-            if not isinstance(card, dict):
-                raise UserError(f"report: {p} does not hold a result card")
+            accs = [card.get(k) for k in ("clean_acc", "pgd_acc", "autoattack_acc")] if isinstance(card, dict) else []
+            if not isinstance(card, dict) or any(a is not None and not isinstance(a, int | float) for a in accs):
+                raise UserError(f"report: {p} does not hold a result card (accuracies must be numbers)")
             found.append((p.parent, card))
     if not found:
         raise UserError(f"report: no result.json under {', '.join(map(str, dirs))}")

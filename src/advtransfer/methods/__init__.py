@@ -95,6 +95,9 @@ def count(model: nn.Module, only_trainable: bool = True) -> int:
 def method_table(backbone: str, kwargs: dict, num_classes: int, options: dict | None = None) -> str:
     """Markdown table of each method's (and each peft tuner's) trainable parameters on ``backbone``. ``options`` are
     method options given to every method that takes them (e.g. ``rank`` for lora, ``num_prompts`` for vpt)."""
+    unknown = set(options or {}) - {k for fn in METHODS.values() for k in inspect.signature(fn).parameters}
+    if unknown:
+        raise UserError(f"methods: no method takes the option(s) {sorted(unknown)}")
     rows = [(name, name, {}) for name in METHODS if name != "peft"]
     rows += [(f"peft:{t}", "peft", {"tuner": t}) for t in TUNERS if t != "lora"]
     base = count(build(ModelSpec(backbone, dict(kwargs), num_classes)), only_trainable=False)
