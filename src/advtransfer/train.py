@@ -178,8 +178,8 @@ class Stage:
     state_path = property(lambda self: self.dir / "state.safetensors")
 
     def threat_at(self, epoch: int) -> Threat:
-        """The training attack in ``epoch`` (0-based): with ``pgd_curriculum`` its PGD steps rise linearly (floor) from 1
-        in the first epoch to ``threat.steps`` in the last (all of them when there is one epoch)."""
+        """The training attack in ``epoch`` (0-based): with ``pgd_curriculum`` its PGD steps rise linearly (floor)
+        from 1 in the first epoch to ``threat.steps`` in the last (all of them when there is one epoch)."""
         n, k = self.cfg.epochs, self.threat.steps
         ramp = self.cfg.pgd_curriculum and n > 1
         return replace(self.threat, steps=1 + (k - 1) * epoch // (n - 1)) if ramp else self.threat
