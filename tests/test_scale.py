@@ -302,3 +302,24 @@ def test_overfitting_guard_in_fit(tmp_path, monkeypatch, guard):
     else:
         assert len(records) == 3 and progress["stopped"] and progress["best"]["epoch"] == 1
         assert fit(tiny(5), data, data, stage, resume=True)["epoch"] == 3
+
+
+def test_gpu_script_cpu_smoke(tmp_path, monkeypatch):
+    """``benchmarks/gpu.py --cpu-smoke`` runs every measurement of the GPU script on a tiny ViT; its FLOP count is
+    7 attack passes (forward + input gradient) plus the update's forward + backward: about 17 forwards."""
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import gpu
+
+    res = gpu.main(["--cpu-smoke", "--json", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text()) == res
+    for key in ("train_img_per_s_bf16", "train_img_per_s_tf32", "train_img_per_s_fp32", "pgd10_eval_img_per_s"):
+        assert res[key] > 0, key
+    assert res["input_pipeline_img_per_s"] > 0 and "train_mfu_bf16" not in res  # no peak FLOP/s known for a CPU
+    model = gpu._model(ModelSpec("vit_base_patch16_224", gpu.SMOKE_VIT, 10), torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(1, 3, 32, 32))
+    assert 16 < res["flops_per_image"] / counter.get_total_flops() < 18
