@@ -35,8 +35,9 @@ demo: install data
 test: install data
 	$(BIN)/python -m pytest -o addopts="" -q -ra tests
 
+# docs/performance.md: every figure against a baseline measured in the same run (about 30 min on 2 cores; --quick: 8)
 bench: install data
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py --json docs/bench.json --log docs/bench.log
 
 # The embedded benchmark (docs/results.md): 90 runs, about 1.8 h of single-thread run time; finished runs are skipped.
 EMBEDDED := runs/embedded

@@ -3,7 +3,7 @@
     python benchmarks/bf16_attention.py [--threads 1]
 
 One PGD step's work (forward + gradient w.r.t. the input, parameters frozen) on the benchmark models of
-``bench.py``: fp32; bf16 autocast with the fused CPU attention kernel; bf16 autocast with the math path
+``common.MODELS``: fp32; bf16 autocast with the fused CPU attention kernel; bf16 autocast with the math path
 (what ``advtransfer.attacks.autocast`` does on CPU). Prints the median time of each and its speed
 relative to fp32, all in this process, interleaved so machine noise hits all three alike.
 """
@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench import MODELS, _build
+from common import MODELS, build
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s); one attack step (forward + input gradient)")
     print(f"{'model':<12} " + " ".join(f"{w:>18}" for w in ways))
     for name in MODELS:
-        model, x, y = _build(name, "full")
+        model, x, y = build(name, "full")
         model.eval().requires_grad_(False)
         times: dict[str, list[float]] = {w: [] for w in ways}
         for i in range(args.iters + 1):

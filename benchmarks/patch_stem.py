@@ -5,7 +5,7 @@
 Times forward + input gradient (what every attack step asks of the image stem) and forward alone, for the
 stems of the shipped mini-ViT, ViT-Tiny/16 and ViT-B/16 at 224 px, and for a ConvNeXt-style 2x2
 downsampling of many channels (why ``patchify_as_matmul`` only converts stems of at most 4 input channels).
-Both forms run in this process, interleaved (``bench._interleaved``), on the same weights and input.
+Both forms run in this process, interleaved (``common.interleaved``), on the same weights and input.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from bench import _interleaved  # benchmarks/ is on sys.path: this script's own folder
+from common import interleaved  # benchmarks/ is on sys.path: this script's own folder
 
 from advtransfer.models import PatchConv, patchify_as_matmul
 
@@ -50,8 +50,8 @@ def main() -> None:
         x = torch.rand(b, c, px, px)
         torch.testing.assert_close(mat(x), conv(x), atol=2e-4, rtol=1e-4)
 
-        _, g = _interleaved({"conv": lambda m=conv, x=x: _grad(m, x), "matmul": lambda m=mat, x=x: _grad(m, x)}, 10)
-        _, f = _interleaved({"conv": lambda m=conv, x=x: _fwd(m, x), "matmul": lambda m=mat, x=x: _fwd(m, x)}, 10)
+        _, g = interleaved({"conv": lambda m=conv, x=x: _grad(m, x), "matmul": lambda m=mat, x=x: _grad(m, x)}, 10)
+        _, f = interleaved({"conv": lambda m=conv, x=x: _fwd(m, x), "matmul": lambda m=mat, x=x: _fwd(m, x)}, 10)
         for form in ("conv", "matmul"):
             print(f"{name:<24} {form:<7} {1000 * g[form]:12.2f} ms {1000 * f[form]:6.2f} ms", flush=True)
         print(

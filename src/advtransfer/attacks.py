@@ -7,6 +7,8 @@ left on parameters and no weight-gradient work is done; every iterate stays insi
 Defaults: step ε/4, a uniform random start in the ball. ``Threat.iterate``: ``last`` keeps the final iterate;
 ``best`` keeps the iterate (random start included) with the highest batch-mean loss, as the paper's code does.
 With ``restarts > 1`` each example keeps its worst case: an iterate that fools the model wins, else the highest loss.
+``Threat.early_exit`` (off by default; it changes the attack): an example stops at the first iterate that fools the
+model and leaves the batch, so later steps cost less and can never undo a success.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from . import distributed as D
 from .config import AttackConfig
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -33,15 +36,20 @@ class Threat:
     steps: int = 10
     step_size: float | None = None  # None = eps / 4
     iterate: str = "last"  # "last" | "best" (highest batch-mean loss, the paper's code)
+    early_exit: bool = False  # stop updating examples once misclassified (needs iterate "last")
+
+    def __post_init__(self) -> None:
+        if self.early_exit and self.iterate == "best":
+            raise UserError("attack: early_exit needs iterate 'last' (the 'best' rule compares whole-batch losses)")
 
     @property
     def alpha(self) -> float:
         return self.eps / 4 if self.step_size is None else self.step_size
 
     @classmethod
-    def of(cls, attack: AttackConfig, steps: int | None = None) -> Threat:
+    def of(cls, attack: AttackConfig, steps: int | None = None, early_exit: bool = False) -> Threat:
         """The config's threat model, with ``steps`` PGD steps (default: the training attack's)."""
-        return cls(attack.eps, attack.norm.value, steps or attack.steps, attack.step_size, attack.iterate)
+        return cls(attack.eps, attack.norm.value, steps or attack.steps, attack.step_size, attack.iterate, early_exit)
 
 
 @contextlib.contextmanager
@@ -122,14 +130,17 @@ def ascend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) -> 
 
 
 def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bf16: bool, clean=None):
-    """(summed loss, its gradient w.r.t. ``x``): the sum makes each example's step independent of the batch size."""
+    """(summed loss, its gradient w.r.t. ``x``, logits): the sum makes each example's step independent of the batch."""
     x = x.detach().requires_grad_(True)
     with autocast(bf16, x.device):
-        obj = per_example_loss(model(x), y, loss, clean).sum()
-    return obj.detach(), torch.autograd.grad(obj, x)[0]
+        logits = model(x)
+        obj = per_example_loss(logits, y, loss, clean).sum()
+    return obj.detach(), torch.autograd.grad(obj, x)[0], logits.detach()
 
 
-def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean, start) -> torch.Tensor:
+def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean, start, live):
+    """One PGD run on the examples ``live`` (None = all). The start is drawn for the whole batch either way, so an
+    example's attack never depends on which others are attacked (with iterate "last")."""
     if start is not None:  # a start drawn by the caller (e.g. for a whole global batch split across ranks)
         delta = (x + project(start.clone(), threat.eps, threat.norm)).clamp_(0, 1) - x
     elif loss == "kl" and not random_start:
@@ -138,15 +149,24 @@ def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: 
         delta = uniform_start(x, threat.eps, threat.norm) if random_start else torch.zeros_like(x)
     best, best_loss = delta, -math.inf
     for _ in range(threat.steps):
-        obj, grad = input_grad(model, x + delta, y, loss, bf16, clean)
+        at = slice(None) if live is None else live
+        obj, grad, logits = input_grad(model, (x + delta)[at], y[at], loss, bf16, None if clean is None else clean[at])
         if threat.iterate == "best" and (total := D.all_sum([obj.item()])[0]) > best_loss:
             best, best_loss = delta, total  # the iterate whose loss was just measured
-        delta = project(ascend(delta, grad, threat.alpha, threat.norm), threat.eps, threat.norm)
-        delta = (x + delta).clamp_(0, 1) - x
+        if threat.early_exit:  # fooled examples keep this iterate and leave the batch
+            keep = logits.argmax(1) == y[at]
+            live = (torch.arange(len(x), device=x.device) if live is None else live)[keep]
+            at, grad = live, grad[keep]
+            if not len(live):
+                break
+        step = project(ascend(delta[at], grad, threat.alpha, threat.norm), threat.eps, threat.norm)
+        step = (x[at] + step).clamp_(0, 1) - x[at]
+        delta = step if live is None else delta.index_put((live,), step)
     if threat.iterate == "best":
+        at = slice(None) if live is None else live
         with torch.no_grad(), autocast(bf16, x.device):
-            last = per_example_loss(model(x + delta), y, loss, clean).sum().item()
-        delta = delta if D.all_sum([last])[0] > best_loss else best
+            last = per_example_loss(model((x + delta)[at]), y[at], loss, None if clean is None else clean[at])
+        delta = delta if D.all_sum([last.sum().item()])[0] > best_loss else best
     return (x + delta).detach()
 
 
@@ -162,47 +182,48 @@ def pgd(
     bf16: bool = False,
     clean_logits: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
+    live: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected gradient ascent; returns adversarial images in ``[0,1]`` within ``threat.eps`` of ``x``.
 
     Args:
         model: maps ``[0,1]`` images to logits. Put in ``eval()`` while attacking; its mode is restored.
         x, y: images ``[N,C,H,W]`` in ``[0,1]`` and int64 labels.
-        threat: ε, norm, steps, step size (default ε/4), iterate rule.
+        threat: ε, norm, steps, step size (default ε/4), iterate rule, early exit.
         restarts: random restarts; the per-example worst case is kept.
         loss: ``ce`` (cross-entropy), ``margin`` (CW-style), or ``kl`` (TRADES; needs ``clean_logits``).
         bf16: craft under bf16 autocast (training speed); reported evaluations use fp32.
         start: the first restart's initial perturbation (default: drawn here, uniform in the ball).
+        live: indices of the examples to attack (default all); the others come back at their random start.
     """
     with attacking(model):
         if restarts == 1:
-            return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, start)
+            return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, start, live)
+        at = torch.arange(len(x), device=x.device) if live is None else live
         best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(restarts):
-            adv = _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, None)
+            adv = _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, None, live)[at]
             with torch.no_grad():
                 logits = model(adv)
-            l_adv, wrong = per_example_loss(logits, y, loss, clean_logits), logits.argmax(1) != y
-            take = ~fooled & (wrong | (l_adv > best_loss))
-            best[take], best_loss[take] = adv[take], l_adv[take]
-            fooled |= wrong
+            c = None if clean_logits is None else clean_logits[at]
+            l_adv, wrong = per_example_loss(logits, y[at], loss, c), logits.argmax(1) != y[at]
+            take = ~fooled[at] & (wrong | (l_adv > best_loss[at]))
+            best[at[take]], best_loss[at[take]] = adv[take], l_adv[take]
+            fooled[at] |= wrong
         return best
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, kind: str, bf16: bool = False):
     """One-step adversarial examples for fast AT (L∞). ``fgsm-rs`` (Wong et al. 2020): uniform start in the ε-ball,
     one step of 1.25 ε, projected to the ball. ``n-fgsm`` (de Jorge et al. 2022): uniform noise in the 2ε-ball, one
-    step of ε, not projected (the perturbation may reach 3ε: that is the method, on purpose)."""
+    step of ε, not projected (the perturbation may reach 3ε: that is the method, on purpose). Both stay in ``[0,1]``."""
     with attacking(model):
-        if kind == "fgsm-rs":
-            delta = uniform_start(x, threat.eps, "Linf")
-            _, grad = input_grad(model, x + delta, y, "ce", bf16)
-            delta = project(ascend(delta, grad, 1.25 * threat.eps, "Linf"), threat.eps, "Linf")
-        else:
-            delta = torch.empty_like(x).uniform_(-2 * threat.eps, 2 * threat.eps)
-            _, grad = input_grad(model, x + delta, y, "ce", bf16)
-            delta = ascend(delta, grad, threat.eps, "Linf")
+        rs = kind == "fgsm-rs"
+        delta = uniform_start(x, threat.eps if rs else 2 * threat.eps, "Linf")
+        grad = input_grad(model, x + delta, y, "ce", bf16)[1]
+        delta = ascend(delta, grad, 1.25 * threat.eps if rs else threat.eps, "Linf")
+        delta = project(delta, threat.eps, "Linf") if rs else delta
         return (x + delta).clamp_(0, 1).detach()
 
 
@@ -227,13 +248,20 @@ def pgd_correct(
     only: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example mask: still correct after PGD. ``only``: attack just these examples (e.g. the clean-correct ones:
-    the others count as not robust, and attacking them changes no result), the rest are False."""
-    out = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    idx = torch.arange(len(x), device=x.device) if only is None else only.nonzero().squeeze(1)
-    if len(idx):
-        adv = pgd(model, x[idx], y[idx], threat, restarts=restarts, loss=loss)
-        out[idx] = clean_correct(model, adv, y[idx])
-    return out
+    the others count as not robust), the rest are False. With iterate "last" the result equals attacking all and
+    masking (starts are drawn for the whole batch); with "best" every example joins the batch-mean rule, so all are
+    attacked and the mask applied after."""
+    idx = None if only is None or threat.iterate == "best" else only.nonzero().squeeze(1)
+    if idx is not None and not len(idx):
+        for _ in range(restarts):  # draw the starts all the same: later batches see the RNG as after a full attack
+            uniform_start(x, threat.eps, threat.norm)
+        return torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    adv = pgd(model, x, y, threat, restarts=restarts, loss=loss, live=idx)
+    if idx is None:
+        return clean_correct(model, adv, y) & (True if only is None else only)
+    return torch.zeros(len(x), dtype=torch.bool, device=x.device).index_put(
+        (idx,), clean_correct(model, adv[idx], y[idx])
+    )
 
 
 def autoattack(

@@ -188,6 +188,14 @@ class TrainConfig(Section):
     schedule_per_epoch: bool = False  # LR constant within an epoch (the paper's code: epoch 0 at LR 0 in warmup)
     tf32: bool = True  # fp32 matmuls/convolutions in TF32 on Ampere+ GPUs (recorded in the card)
     checkpoint_every: int = Field(0, ge=0)  # also checkpoint every N optimiser steps (0 = at each epoch end only)
+    pgd_curriculum: bool = False  # PGD steps ramp linearly from 1 (first epoch) to attack.steps (last epoch)
+    co_guard: Literal["off", "warn", "stop"] = "off"  # catastrophic overfitting: val PGD < half its best, train acc up
+
+    @model_validator(mode="after")
+    def _curriculum(self) -> TrainConfig:
+        if self.pgd_curriculum and self.objective not in (Objective.AT, Objective.TRADES):
+            raise ValueError(f"pgd_curriculum needs objective 'at' or 'trades' (PGD), got '{self.objective.value}'")
+        return self
 
 
 class EvalConfig(Section):
@@ -199,6 +207,7 @@ class EvalConfig(Section):
     aa_attacks: Strings = ()  # custom version only, e.g. (apgd-ce, apgd-t)
     n_autoattack: int = Field(1000, ge=0)  # test examples for AutoAttack (0 = the whole test split)
     batch_size: int = Field(256, ge=1)
+    early_exit: bool = False  # test PGD stops updating fooled examples: cheaper, per example at least as strong
 
     @model_validator(mode="after")
     def _aa(self) -> EvalConfig:
@@ -226,6 +235,14 @@ class RunConfig(Section):
     probe: TrainConfig = TrainConfig(epochs=5, lr=1e-2, weight_decay=0.0)  # RoLI stage 1 (the linear probe)
     eval: EvalConfig = EvalConfig()
     track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _early_exit(self) -> RunConfig:
+        if self.eval.early_exit and self.attack.iterate == "best":
+            raise ValueError(
+                "eval.early_exit needs attack.iterate 'last' (the 'best' rule compares whole-batch losses)"
+            )
+        return self
 
 
 def to_dict(cfg: BaseModel) -> dict:

@@ -182,6 +182,7 @@ def evaluate(
     pgd_step_size: float | None = None,
     pgd_restarts: int = 1,
     pgd_loss: str = "ce",
+    early_exit: bool = False,
     batch_size: int = 256,
     seed: int = 0,
     aa_version: str = "standard",
@@ -192,7 +193,8 @@ def evaluate(
 ) -> dict:
     """Accuracies as fractions in [0,1] under ``"clean"``, ``"pgd"``, ``"autoattack"`` (those requested).
 
-    Works on any ``nn.Module`` mapping ``[0,1]`` images to logits. ``pgd_step_size=None`` means ε/4. Also returns
+    Works on any ``nn.Module`` mapping ``[0,1]`` images to logits. ``pgd_step_size=None`` means ε/4; ``early_exit``
+    stops PGD on each example once it is misclassified (``Threat.early_exit``: a variant of PGD). Also returns
     ``"n"``, the settings, per-example ``"masks"`` (bool tensors) and ``"flags"`` (sanity warnings, see checks.py).
     """
     if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
@@ -201,7 +203,8 @@ def evaluate(
         )
     if images.min() < 0 or images.max() > 1:
         raise UserError("eval: images must be in [0,1] (normalisation belongs inside the model)")
-    load, threat = tensor_batches(images, labels, batch_size), Threat(eps, norm, pgd_steps, pgd_step_size)
+    load = tensor_batches(images, labels, batch_size)
+    threat = Threat(eps, norm, pgd_steps, pgd_step_size, early_exit=early_exit)
     return evaluate_batches(
         model,
         load,
@@ -275,6 +278,7 @@ def evaluate_batches(
                     "restarts": restarts,
                     "loss": loss,
                     "iterate": threat.iterate,
+                    "early_exit": threat.early_exit,
                 }
             if "autoattack" in attacks:
                 n_aa = min(n_autoattack or n, n)

@@ -1,24 +1,27 @@
 """Adversarial training as plain engine functions: optimiser by rule, warmup + cosine, one step, one epoch, one stage.
 
 Objective (Madry PGD-AT): ``min_θ̂ E max_{‖δ‖≤ε} CE(f(x+δ), y)``; TRADES, natural training and fast AT (FGSM-RS,
-N-FGSM) too. A stage trains the parameters its method marks trainable, validates clean and PGD accuracy after each
-epoch (RoLI's stage 2 also before the first, so selection never picks a model worse than its initialisation), keeps
-the best checkpoint by validation robust accuracy (natural training: by clean accuracy) and a resumable state.
+N-FGSM) too; optionally a PGD-step curriculum and a catastrophic-overfitting guard. A stage trains the parameters its
+method marks trainable, validates clean and PGD accuracy after each epoch (RoLI's stage 2 also before the first, so
+selection never picks a model worse than its initialisation), keeps the best checkpoint by validation robust accuracy
+(natural training: by clean accuracy) and a resumable state.
 The hot loop never waits for the device: losses, accuracy and the non-finite check stay on it between checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed as D
 from .attacks import Threat, autocast, clean_correct, fgsm, pgd, pgd_correct, uniform_start
@@ -55,9 +58,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=cuda or None)
 
 
-def make_scheduler(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
     """Linear warmup for ``warmup_epochs`` then cosine decay to 0. Per optimiser step, or with ``schedule_per_epoch``
     constant within an epoch (the paper's code: epoch 0 then runs at a learning rate of 0). A ``LambdaLR`` stepped
     every optimiser step either way, so resume state is one integer (timm's schedulers need their own protocol)."""
@@ -73,7 +74,7 @@ def make_scheduler(
                 return (t + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / max(1, total - warm))))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return LambdaLR(opt, factor)
 
 
 def train_mode(model: torch.nn.Module) -> None:
@@ -111,32 +112,46 @@ def adversarial(model, x, y, threat: Threat, cfg: TrainConfig, start: torch.Tens
 
 
 def train_step(model, opt, x, y, threat: Threat, cfg: TrainConfig, ddp=None, start=None):
-    """One optimiser step over ``cfg.accum_steps`` micro-batches; returns (loss sum, correct) as device tensors.
+    """One optimiser step over ``cfg.accum_steps`` micro-batches (gradients of the mean over the whole batch, as one
+    big batch gives them); returns (loss sum, correct) as device tensors.
 
     Attacks are crafted on ``model``; the training forward/backward goes through ``ddp`` (the DDP wrapper that
     averages gradients across ranks) when given. ``start`` is PGD's initial perturbation for the whole batch.
     """
     opt.zero_grad(set_to_none=True)
     loss_sum, correct, net = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.long), ddp or model
-    for part in torch.arange(len(x), device=x.device).chunk(cfg.accum_steps):
+    parts = torch.arange(len(x), device=x.device).chunk(cfg.accum_steps)
+    for i, part in enumerate(parts):
         xb, yb = x[part], y[part]
         x_in, clean = adversarial(model, xb, yb, threat, cfg, None if start is None else start[part])
         train_mode(model)
-        with autocast(cfg.bf16, x.device):
-            if cfg.objective == Objective.TRADES:
-                both = net(torch.cat([xb, x_in])).float()
-                logits, adv = both[: len(xb)], both[len(xb) :]
-                kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(logits, 1), reduction="batchmean")
-                loss, logits = F.cross_entropy(logits, yb) + cfg.trades_beta * kl, adv
-            else:
-                logits = net(x_in).float()
-                loss = F.cross_entropy(logits, yb)
-        (loss * len(xb) / len(x)).backward()
+        last = ddp is None or i == len(parts) - 1  # DDP all-reduces gradients once, after the last micro-batch
+        with contextlib.nullcontext() if last else ddp.no_sync():
+            with autocast(cfg.bf16, x.device):
+                if cfg.objective == Objective.TRADES:
+                    both = net(torch.cat([xb, x_in])).float()
+                    logits, adv = both[: len(xb)], both[len(xb) :]
+                    kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(logits, 1), reduction="batchmean")
+                    loss, logits = F.cross_entropy(logits, yb) + cfg.trades_beta * kl, adv
+                else:
+                    logits = net(x_in).float()
+                    loss = F.cross_entropy(logits, yb)
+            (loss * len(xb) / len(x)).backward()
         loss_sum, correct = loss_sum + loss.detach() * len(xb), correct + (logits.argmax(1) == yb).sum()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     opt.step()
     return loss_sum, correct
+
+
+def co_collapse(history: list[dict]) -> str:
+    """Catastrophic overfitting (Wong et al. 2020) in per-epoch records: the last ``val_pgd`` is below half the best
+    before it while ``train_acc`` (on the training attack's examples) rose. Returns what happened, or ``""``."""
+    *before, last = history
+    acc, best = [r["train_acc"] for r in history if "train_acc" in r], max((r["val_pgd"] for r in before), default=0)
+    if "train_acc" in last and len(acc) > 1 and acc[-1] > acc[-2] and last["val_pgd"] < best / 2:
+        return f"catastrophic overfitting: val pgd {last['val_pgd']:.3f} < half its best {best:.3f}, train acc up"
+    return ""
 
 
 @dataclass
@@ -159,19 +174,20 @@ class Stage:
     save_only: list[str] | None = None  # the tensors a compact checkpoint keeps (None = all)
     clock: float = 0.0  # time.time() minus the stage's training seconds so far (resumes included)
 
-    @property
-    def best_path(self) -> Path:
-        return self.dir / "best.safetensors"
+    best_path = property(lambda self: self.dir / "best.safetensors")
+    state_path = property(lambda self: self.dir / "state.safetensors")
 
-    @property
-    def state_path(self) -> Path:
-        return self.dir / "state.safetensors"
+    def threat_at(self, epoch: int) -> Threat:
+        """The training attack in ``epoch`` (0-based): with ``pgd_curriculum`` its PGD steps rise linearly (floor)
+        from 1 in the first epoch to ``threat.steps`` in the last (all of them when there is one epoch)."""
+        n, k = self.cfg.epochs, self.threat.steps
+        ramp = self.cfg.pgd_curriculum and n > 1
+        return replace(self.threat, steps=1 + (k - 1) * epoch // (n - 1)) if ramp else self.threat
 
 
 def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, workers: int = 0, seed: int = 0) -> dict:
-    """Clean and PGD accuracy on a split (fp32, eval mode), streamed, sharded across ranks; PGD only on the examples
-    that are clean-correct (the others cannot be robust). Its random starts come from ``seed`` in a forked RNG, so
-    validation never moves the training RNG (which torchrun's ranks must keep identical)."""
+    """Clean and PGD accuracy on a split (fp32, eval mode), streamed, sharded across ranks, PGD on the clean-correct
+    examples only; its starts come from ``seed`` in a forked RNG (the training RNG, equal on every rank, stays)."""
     lo, hi = D.shard_bounds(len(split))
     dev, clean, rob = next(model.parameters()).device, [], []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -180,11 +196,9 @@ def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, w
             x, y = to_device(xb, yb, dev)
             clean.append(clean_correct(model, x, y))
             rob.append(pgd_correct(model, x, y, threat, only=clean[-1]))
-    c, r = (
-        D.gather_cat(torch.cat(m or [torch.zeros(0, dtype=torch.bool)]).to(torch.uint8), len(split))
-        for m in (clean, rob)
-    )
-    return {"val_clean": c.float().mean().item(), "val_pgd": r.float().mean().item()}
+    empty = [torch.zeros(0, dtype=torch.bool)]
+    c, r = (D.gather_cat(torch.cat(m or empty).to(torch.uint8), len(split)).float().mean().item() for m in (clean, rob))
+    return {"val_clean": c, "val_pgd": r}
 
 
 def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: Stage, progress: dict, stop) -> None:
@@ -194,29 +208,16 @@ def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: St
     steps = math.ceil(len(train) / cfg.batch_size)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
     first, t_log, t0 = progress["step"], time.time(), time.time()
-    loader = batches(
-        train,
-        cfg.batch_size,
-        order=order,
-        start=first * cfg.batch_size,
-        workers=stage.workers,
-        seed=stage.seed,
-        epoch=epoch,
-        train=True,
-    )
-    sums = torch.zeros(
-        3, dtype=torch.float64, device=dev
-    )  # loss sum, correct, seen (this process, since the last save)
+    threat = stage.threat_at(epoch)
+    args = dict(order=order, start=first * cfg.batch_size, workers=stage.workers, seed=stage.seed, epoch=epoch)
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, seen (this process, since last save)
     bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite loss, -1 = none
-    for xb, yb in loader:
+    for xb, yb in batches(train, cfg.batch_size, train=True, **args):
         x, y = to_device(xb, yb, dev)
-        # PGD's random start is drawn for the whole global batch, then each rank takes its shard: N ranks take
-        # exactly the steps one process takes at the same global batch
-        start = uniform_start(x, stage.threat.eps, stage.threat.norm) if cfg.objective == Objective.AT else None
+        # PGD's start is drawn for the whole global batch, then sharded: N ranks step exactly as one process does
         lo, hi = D.shard_bounds(len(y))
-        loss, correct = train_step(
-            runner, opt, x[lo:hi], y[lo:hi], stage.threat, cfg, ddp, None if start is None else start[lo:hi]
-        )
+        start = uniform_start(x, threat.eps, threat.norm)[lo:hi] if cfg.objective == Objective.AT else None
+        loss, correct = train_step(runner, opt, x[lo:hi], y[lo:hi], threat, cfg, ddp, start)
         sched.step()
         bad = torch.where((bad < 0) & ~torch.isfinite(loss), progress["step"], bad)
         sums += torch.stack([loss.double(), correct.double(), sums.new_tensor(hi - lo)])
@@ -233,11 +234,10 @@ def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: St
         if stopping:
             raise Interrupted(f"interrupted; state saved in {stage.state_path}")
         if time.time() - t_log > stage.log_every:
-            done, t_log = progress["step"] - first, time.time()
-            rate = done * cfg.batch_size / (t_log - t0)
-            eta = (steps - progress["step"]) * cfg.batch_size / max(rate, 1e-9)
+            t_log, where = time.time(), f"{stage.dir.name} epoch {epoch + 1} step {progress['step']}/{steps}"
+            rate = (progress["step"] - first) * cfg.batch_size / (t_log - t0)
             stage.log(
-                f"{stage.dir.name} epoch {epoch + 1} step {progress['step']}/{steps}: {rate:.1f} img/s, ETA {eta:.0f} s"
+                f"{where}: {rate:.1f} img/s, ETA {(steps - progress['step']) * cfg.batch_size / max(rate, 1e-9):.0f} s"
             )
     _check_finite(bad, epoch, stage, progress)
     _accumulate(progress, sums)
@@ -250,12 +250,8 @@ def runner_model(runner: torch.nn.Module) -> torch.nn.Module:
 
 def _accumulate(progress: dict, sums: torch.Tensor) -> None:
     """Add this process's running sums to ``progress`` as global numbers (summed over ranks) and reset them."""
-    loss, correct, seen = D.all_sum(sums.tolist())
-    progress.update(
-        loss_sum=progress["loss_sum"] + loss,
-        correct=progress["correct"] + int(correct),
-        seen=progress["seen"] + int(seen),
-    )
+    for key, value in zip(("loss_sum", "correct", "seen"), D.all_sum(sums.tolist())):
+        progress[key] += value if key == "loss_sum" else int(value)
     sums.zero_()
 
 
@@ -269,23 +265,18 @@ def _check_finite(bad: torch.Tensor, epoch: int, stage: Stage, progress: dict) -
     if step < 0:
         return
     kept = f"last good state kept in {stage.state_path}" if stage.state_path.exists() else "no checkpoint was saved yet"
-    hint = (
-        "before any update, so the starting weights are at fault (model.checkpoint, RoLI head)"
-        if epoch == 0 and step == 0
-        else f"try a smaller {stage.section}.lr"
-    )
-    raise RunError(
-        f"training stopped: non-finite loss in {stage.dir.name} at epoch {epoch + 1} step {step + 1} ({hint}); {kept}"
-    )
+    hint = f"try a smaller {stage.section}.lr"
+    if epoch == 0 and step == 0:
+        hint = "before any update, so the starting weights are at fault (model.checkpoint, RoLI head)"
+    where = f"{stage.dir.name} at epoch {epoch + 1} step {step + 1}"
+    raise RunError(f"training stopped: non-finite loss in {where} ({hint}); {kept}")
 
 
 def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool = False) -> dict:
     """Train one stage; return its progress (``best``: the best validation record, ``seconds``: training time).
-    Writes metrics.jsonl and the best/state checkpoints.
-
-    With ``resume`` the stage continues from ``state.safetensors`` bit-identically (a finished stage only returns its
-    best record). SIGINT/SIGTERM stop at the next check with the state saved (``Interrupted``).
-    """
+    Writes metrics.jsonl and the best/state checkpoints. With ``resume`` the stage continues from ``state.safetensors``
+    bit-identically (a finished or guard-stopped stage only returns its progress). SIGINT/SIGTERM stop at the next
+    check with the state saved (``Interrupted``)."""
     stage.dir.mkdir(parents=True, exist_ok=True)
     cfg, metrics = stage.cfg, stage.dir / "metrics.jsonl"
     opt = make_optimizer(model, cfg)
@@ -293,17 +284,16 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool 
     progress = {"epoch": 0, "step": 0, "best": None, "loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     if resume and stage.state_path.exists():
         progress = load_state(stage.state_path, model, opt, sched)
-        if progress["epoch"] >= cfg.epochs:
-            stage.log(f"{stage.dir.name}: training already finished ({cfg.epochs} epochs); not retraining")
+        if progress["epoch"] >= cfg.epochs or progress.get("stopped"):
+            stage.log(f"{stage.dir.name}: training already finished ({progress['epoch']} epochs); not retraining")
             return progress
         if D.rank() != 0:  # the saved running sums are global: rank 0 alone carries them on
             progress.update(loss_sum=0.0, correct=0, seen=0)
         stage.log(f"resumed {stage.dir.name} at epoch {progress['epoch'] + 1} step {progress['step']}")
         write_jsonl(metrics, [r for r in read_jsonl(metrics) if r["epoch"] < progress["epoch"]])
     else:  # every RNG from the seed (a resume restores them all from the state)
-        torch.manual_seed(stage.seed)
-        random.seed(stage.seed)
-        np.random.seed(stage.seed)
+        for seed in (torch.manual_seed, random.seed, np.random.seed):
+            seed(stage.seed)
         metrics.unlink(missing_ok=True)
     stage.clock = time.time() - progress["seconds"]
     runner = compiled(model) if cfg.compile else model  # shares model's parameters: model is validated and saved
@@ -316,18 +306,19 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool 
         for epoch in range(progress["epoch"], cfg.epochs):
             t0 = time.time()
             train_one_epoch(runner, ddp, opt, sched, train, epoch, stage, progress, stop)
-            seen = max(1, progress["seen"])
+            seen, lr, sec = max(1, progress["seen"]), sched.get_last_lr()[0], round(time.time() - t0, 2)
             record = {
                 "epoch": epoch,
                 "train_loss": progress["loss_sum"] / seen,
                 "train_acc": progress["correct"] / seen,
-                "lr": sched.get_last_lr()[0],
-                "seconds": round(time.time() - t0, 2),
             }
+            record.update(lr=lr, seconds=sec)
             progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
             _epoch_end(model, val, stage, progress, record, metrics, opt, sched)
             if stop.requested:
                 raise Interrupted(f"interrupted; state saved in {stage.state_path}")
+            if progress.get("stopped"):
+                break
     D.barrier()  # rank 0 has written best/state before anyone reads them
     return progress
 
@@ -336,15 +327,22 @@ def _epoch_end(model, val: Split, stage: Stage, progress: dict, record: dict, me
     """Validate, keep the best checkpoint, append the record (metrics.jsonl + trackers), save the resume state."""
     seed = stage.seed * 1000 + record["epoch"] + 1
     record.update(validate(model, val, stage.val_threat, stage.eval_batch_size, stage.workers, seed))
+    if stage.cfg.pgd_curriculum and "train_loss" in record:
+        record["train_pgd_steps"] = stage.threat_at(record["epoch"]).steps
+    history = progress.setdefault("history", [])  # what the overfitting guard reads (kept in the resume state)
+    history.append({k: record[k] for k in ("val_pgd", "train_acc") if k in record})
+    if stage.cfg.co_guard != "off" and (co := co_collapse(history)):
+        record["co_guard"], stopping = co, stage.cfg.co_guard == "stop"
+        stage.log(f"warning: {stage.dir.name} epoch {record['epoch'] + 1}: {co}" + ("; stopping" * stopping))
+        progress["stopped"] = co if stopping else progress.get("stopped")
     key = "val_clean" if stage.cfg.objective == Objective.NATURAL else "val_pgd"  # natural training: select on clean
     if progress["best"] is None or record[key] > progress["best"][key]:
         progress["best"] = record
         save_checkpoint(model, stage.spec, stage.best_path, only=stage.save_only)
     what = "initial model" if record["epoch"] < 0 else f"epoch {record['epoch'] + 1}/{stage.cfg.epochs}"
     train_part = f"loss {record['train_loss']:.3f} train {record['train_acc']:.3f} " if "train_loss" in record else ""
-    stage.log(
-        f"{stage.dir.name} {what}: {train_part}val clean {record['val_clean']:.3f} val pgd {record['val_pgd']:.3f}"
-    )
+    val_part = f"val clean {record['val_clean']:.3f} val pgd {record['val_pgd']:.3f}"
+    stage.log(f"{stage.dir.name} {what}: {train_part}{val_part}")
     write_jsonl(metrics, [*read_jsonl(metrics), record])
     if stage.track is not None:
         stage.track(record)
