@@ -37,8 +37,10 @@ def _explain(e: ValidationError) -> UserError:
     err = e.errors(include_url=False)[0]
     loc = [str(p) for p in err["loc"] if isinstance(p, str) and p.isidentifier()]  # not union branch tags
     key, kind, ctx, got = ".".join(loc), err["type"], err.get("ctx", {}), err.get("input")
-    if kind == "extra_forbidden":
-        names = list(_section(loc[:-1]).model_fields)
+    if kind == "extra_forbidden":  # the unknown key is the last location, whatever its spelling ("08")
+        last = str(err["loc"][-1])
+        loc = [*(loc[:-1] if loc and loc[-1] == last else loc), last]
+        key, names = ".".join(loc), list(_section(loc[:-1]).model_fields)
         close = difflib.get_close_matches(loc[-1], names, n=1)
         hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
         return UserError(f"config: unknown key '{key}'{hint}")
