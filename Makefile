@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp-install
 export ADVTRANSFER_DATA ?= $(CURDIR)/.data
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data demo test bench benchmark-embedded lint clean
+.PHONY: install data demo test test-slow bench benchmark-embedded lint clean
 
 install: $(STAMP)
 
@@ -33,7 +33,11 @@ demo: install data
 	$(BIN)/advtransfer demo --out runs/demo
 
 test: install data
-	$(BIN)/python -m pytest -o addopts="" -q -ra tests
+	$(BIN)/python -m pytest -o addopts="" -q -ra -m "not slow" tests
+
+# The tests too long for every commit (standard AutoAttack of the shipped robust sources: several CPU minutes each)
+test-slow: install data
+	$(BIN)/python -m pytest -o addopts="" -q -ra -m slow tests
 
 # docs/performance.md: every figure against a baseline measured in the same run (about 30 min on 2 cores; --quick: 8)
 bench: install data

@@ -55,7 +55,6 @@ def _source(tmp_path: Path) -> str:
     return str(tmp_path / "src.safetensors")
 
 
-@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     cfg = {
         "data": {"name": "fashion-mnist", "n_train": 64, "n_val": 32, "n_test": 32},
@@ -89,7 +88,6 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert (tmp_path / "two" / "log.txt").read_text().count("result:") == 1  # only rank 0 writes
 
 
-@pytest.mark.slow
 def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path):
     """SIGINT to torchrun reaches the ranks at different moments; they still stop at one step, save the
     epoch's global running sums, and the resumed run's metrics and weights equal an uninterrupted run's."""

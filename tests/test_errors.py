@@ -562,7 +562,7 @@ CASES: dict[str, Case] = {
         ("no images", "bird"),
     ),
     "data-wrong-channel-count": Case(
-        lambda c: c.run("data.name=imagefolder", f"data.root={image_folder(c)}", "data.n_val=2"),
+        lambda c: c.run("data.name=imagefolder", f"data.root={image_folder(c)}", "data.n_val=2", "data.n_train=6"),
         ("3 channels", "takes 1"),
     ),
     "data-split-file-label-out-of-range": Case(

@@ -16,23 +16,35 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 TOL = 0.015
 
 
-@pytest.mark.parametrize(
-    "name", ["mnist_minivit_robust", "mnist_minivit_natural", "union_minivit_robust", "union_minivit_natural"]
-)
-def test_card_reproduces(name):
+ROBUST, NATURAL = ["mnist_minivit_robust", "union_minivit_robust"], ["mnist_minivit_natural", "union_minivit_natural"]
+
+
+def _subset(name: str):
     card = json.loads((MODELS / f"{name}.card.json").read_text())
     model, spec = load_classifier(MODELS / f"{name}.safetensors")
     sub = card["subset"]
     dataset = sub.get("dataset", "mnist")
     assert spec.trained["dataset"] == dataset and spec.num_classes == 10
     x, y = tensors(load_splits(DataConfig(name=dataset, n_val=0, n_test=sub["n"])).test)
-    eps = float(card["config"]["attack"]["eps"])
+    return model, x, y, sub, float(card["config"]["attack"]["eps"])
+
+
+@pytest.mark.parametrize("name", ROBUST + NATURAL)
+def test_card_reproduces(name):
+    """Clean and PGD-20 on the card's 500 test images."""
+    model, x, y, sub, eps = _subset(name)
     r = evaluate(model, x, y, eps=eps, attacks=("clean", "pgd"), pgd_steps=20, seed=0, checks=False)
     assert r["clean"] == pytest.approx(sub["clean"], abs=TOL)
     assert r["pgd"] == pytest.approx(sub["pgd20"], abs=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ROBUST + NATURAL)
+def test_card_autoattack_reproduces(name):
+    """Standard AutoAttack on the card's first 100 test images: FAB-T and Square on the points APGD leaves cost
+    minutes per model on CPU (100 s for the natural MNIST source's 3), so this runs in ``make test-slow``."""
+    model, x, y, sub, eps = _subset(name)
     n = sub["n_autoattack"]
-    if not n:
-        return
     aa = evaluate(model, x[:n], y[:n], eps=eps, attacks=("autoattack",), seed=0, checks=False)
     assert aa["autoattack"] == pytest.approx(sub["autoattack"], abs=TOL)
 

@@ -36,6 +36,11 @@ from .rundir import StopRequest, read_jsonl, write_jsonl
 CHECK_EVERY = 25  # optimiser steps between host checks (non-finite loss; the stop flag under torchrun)
 
 
+def _stop_agreed(stop: StopRequest) -> bool:
+    """Whether to stop now; under torchrun a signal reaches the ranks at different times, so they agree (all-reduce)."""
+    return stop.requested if D.world() == 1 else D.all_sum([float(stop.requested)])[0] > 0
+
+
 def no_decay_names(model: torch.nn.Module) -> set[str]:
     """Parameters that must not decay although ``ndim >= 2``: the backbone's own list (timm's ``no_weight_decay``:
     cls/pos/register tokens) and VPT prompts."""
@@ -223,8 +228,7 @@ def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: St
         sums += torch.stack([loss.double(), correct.double(), sums.new_tensor(hi - lo)])
         progress["step"] += 1
         at_check = progress["step"] % CHECK_EVERY == 0 or progress["step"] == steps
-        # a signal reaches torchrun's ranks at different times: they agree (all-reduce) at checks only
-        stopping = stop.requested if D.world() == 1 else at_check and D.all_sum([float(stop.requested)])[0] > 0
+        stopping = _stop_agreed(stop) if D.world() == 1 or at_check else False
         saving = stopping or (cfg.checkpoint_every and (epoch * steps + progress["step"]) % cfg.checkpoint_every == 0)
         if at_check or saving:
             _check_finite(bad, epoch, stage, progress)
@@ -315,7 +319,7 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool 
             record.update(lr=lr, seconds=sec)
             progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
             _epoch_end(model, val, stage, progress, record, metrics, opt, sched)
-            if stop.requested:
+            if _stop_agreed(stop):
                 raise Interrupted(f"interrupted; state saved in {stage.state_path}")
             if progress.get("stopped"):
                 break
