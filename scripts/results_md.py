@@ -14,6 +14,7 @@ from pathlib import Path
 from advtransfer import figures as F
 from advtransfer.configfile import read_yaml
 from advtransfer.errors import UserError
+from advtransfer.grid import expand, load_grid
 from advtransfer.report import find_results, fmt_pct, fmt_stat, md_table, mean_std, pearson, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,7 @@ GATE, GATE_ROBUST, GATE_NATURAL = "gate-natural-probe", 0.15, 0.05  # robust PGD
 MIN_EFFECT, MIN_GROUPS, N_BOOT, BOOT_SEED = 0.01, 10, 2000, 0  # < 1 point is test-set noise; Finding 3's bootstrap
 METHODS = ["full", "vpt", "lora", "adapter", "bias"]
 PAPER = {"full": (7.75, 6.21), "adapter": (2.08, 0.91), "lora": (3.71, 2.21), "bias": (2.00, 0.44)}  # Fig. 1
+SWEEPS = ("gate", "grid", "natural_ft", "transfer")  # configs/embedded/*.yaml, in the order they run
 CONTROL = "-6ep"  # compute-matched RanLI controls: 6 epochs = the probe's 3 + RoLI's 3
 ROWS = ["linear", *(f"{m}-{i}" for m in METHODS for i in ("ranli", "roli")), "full-ranli-6ep", "lora-ranli-6ep"]
 ACCS = ("clean_acc", "pgd_acc")
@@ -246,12 +248,13 @@ def finding4(idx: dict, ok: list[str]) -> tuple[list[str], list]:
     return md, [["4. RoLI improves every method", overall(vs), ev], ["4b. … compute-matched", overall(vc), ev_c]]
 
 
-def compute_and_doubts(idx: dict, status: dict) -> list[str]:
-    """Total compute by block (sum of the cards' ``seconds``) and what stays uncertain."""
+def compute_and_doubts(idx: dict, status: dict, sweeps: dict[str, set[str]]) -> list[str]:
+    """Total compute by sweep (sum of the cards' ``seconds``) and what stays uncertain."""
     grid, secs = set(main_groups(idx)), {}
-    for (s, t, lab), by in sorted(idx.items()):
-        kind = "natural objective" if lab.endswith("-natural") else "grid" if (s, t) in grid else "transfer"
-        secs.setdefault("gate" if lab == GATE or lab.startswith("probe-lr") else kind, []).extend(vals(by, "seconds"))
+    for by in idx.values():
+        for c in by.values():
+            block = next((f"{k}.yaml" for k, names in sweeps.items() if c["_dir"].name in names), "other")
+            secs.setdefault(block, []).append(c["seconds"])
     total = [x for v in secs.values() for x in v]
     rows = [[b, len(v), f"{sum(v) / 3600:.2f}"] for b, v in [*sorted(secs.items()), ("total", total)]]
     few = [f"{' '.join(k)} ({len(by)})" for k, by in idx.items() if k[:2] in grid and k[2] in ROWS and len(by) < 3]
@@ -278,11 +281,40 @@ def render(root: Path, fig_dir: Path | None = None) -> str:
     ok = sorted(t for t, v in status.items() if v == "pass")
     (f1, v1), (f2, v2), (f4, v4) = finding1(idx, ok), finding2(idx, ok, img), finding4(idx, ok)
     f3, v3 = finding3(idx, status, img)
-    top = [INTRO.format(n=sum(map(len, idx.values()))), "## How verdicts are decided", RULES, "## Verdicts"]
+    top = [INTRO.format(n=sum(map(len, idx.values()))), *progress(Path(root)), "## How verdicts are decided", RULES]
+    top += ["## Verdicts"]
     top += [f"Gate: {', '.join(f'{t} {v}' for t, v in status.items()) or 'no target'}."]
     top += [md_table(["finding", "verdict", "evidence"], [[a, f"**{v}**", e] for a, v, e in v1 + v2 + v3 + v4])]
-    parts = [top, gate_md, main_tables(idx, status, img), f1, f2, f3, f4, compute_and_doubts(idx, status)]
+    parts = [
+        top,
+        gate_md,
+        main_tables(idx, status, img),
+        f1,
+        f2,
+        f3,
+        f4,
+        compute_and_doubts(idx, status, planned(Path(root))),
+    ]
     return "\n\n".join(line for p in parts for line in p) + "\n"
+
+
+def planned(root: Path) -> dict[str, set[str]]:
+    """The run names each sweep of configs/embedded/ plans (a run in two sweeps counts in the first)."""
+    out: dict[str, set[str]] = {}
+    for name in SWEEPS:
+        names = {e.name for e in expand(load_grid(ROOT / "configs" / "embedded" / f"{name}.yaml"), root)}
+        out[name] = names - set().union(*out.values())
+    return out
+
+
+def progress(root: Path) -> list[str]:
+    """A PARTIAL banner naming how many of each sweep's planned runs are under ``root``."""
+    have = {p.name for p in root.iterdir() if (p / "result.json").is_file()}
+    counts = [(name, len(names & have), len(names)) for name, names in planned(root).items()]
+    if all(done == total for _, done, total in counts):
+        return []
+    parts = ", ".join(f"`{name}.yaml` {done} of {total}" for name, done, total in counts)
+    return [f"**PARTIAL**: {parts} planned runs are in; every verdict below uses only the runs that exist."]
 
 
 def main(argv: list[str]) -> None:
