@@ -105,3 +105,11 @@ def test_help_loads_no_torch_and_every_command_has_it():
     )
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in p.stderr.splitlines() if "|" in line}
     assert p.returncode == 0 and "advtransfer" in imported and not imported & {"torch", "timm", "peft"}
+
+
+def test_fetch_data_verifies_the_embedded_datasets(capsys):
+    """What ``make data`` runs: with the data in place (the suite's $ADVTRANSFER_DATA) it verifies both checksums."""
+    assert main(["fetch-data"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["mnist", "fashion-mnist"]
+    assert all(ln.endswith("(sha256 verified)") for ln in lines)

@@ -219,7 +219,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_fetch(args) -> None:
-    from .datasets import fetch_embedded
+    from .embedded import fetch_embedded
 
     for name, path in fetch_embedded().items():
         print(f"{name}: {path} (sha256 verified)")
