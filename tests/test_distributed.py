@@ -92,7 +92,7 @@ def test_ctrl_c_under_torchrun_then_resume_equals_an_uninterrupted_run(tmp_path)
     """SIGINT to torchrun reaches the ranks at different moments; they still stop at one step, save the
     epoch's global running sums, and the resumed run's metrics and weights equal an uninterrupted run's."""
     cfg = {
-        "data": {"name": "fashion-mnist", "n_train": 1024, "n_val": 32, "n_test": 32},
+        "data": {"name": "fashion-mnist", "n_train": 512, "n_val": 32, "n_test": 32},
         "model": {"checkpoint": _source(tmp_path)},
         "attack": {"eps": "0.1", "steps": 2},
         "train": {"epochs": 2, "batch_size": 16, "lr": 0.001},

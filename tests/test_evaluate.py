@@ -155,9 +155,9 @@ def test_robust_above_clean_and_eps_sweep_flags(natural_mlp, mnist):
 def test_autoattack_resume_gives_same_mask(natural_mlp, mnist, tmp_path):
     """Interrupt AutoAttack after APGD-CE (a forward counter raises), resume from its state file."""
     _, (x, y) = mnist
-    x, y = x[:20], y[:20]
+    x, y = x[:10], y[:10]
     eps = 0.03
-    full, _ = autoattack_correct(natural_mlp, x, y, eps=eps, seed=0, batch_size=20)
+    full, _ = autoattack_correct(natural_mlp, x, y, eps=eps, seed=0, batch_size=10)
 
     class Crash(nn.Module):
         def __init__(self, m):
@@ -174,9 +174,9 @@ def test_autoattack_resume_gives_same_mask(natural_mlp, mnist, tmp_path):
     crash.armed = True
     state = tmp_path / "aa.json"
     with pytest.raises(KeyboardInterrupt):
-        autoattack_correct(crash, x, y, eps=eps, seed=0, batch_size=20, state_path=state)
+        autoattack_correct(crash, x, y, eps=eps, seed=0, batch_size=10, state_path=state)
     assert json.loads(state.read_text())["done"] == ["apgd-ce"]
-    resumed, _ = autoattack_correct(natural_mlp, x, y, eps=eps, seed=0, batch_size=20, state_path=state)
+    resumed, _ = autoattack_correct(natural_mlp, x, y, eps=eps, seed=0, batch_size=10, state_path=state)
     assert full.any()  # some examples survive APGD-CE, so the resumed attacks have work to do
     assert torch.equal(resumed, full)
 
