@@ -1,11 +1,9 @@
 """Adversarial training as plain engine functions: optimiser by rule, warmup + cosine, one step, one epoch, one stage.
 
-Objective (Madry PGD-AT): ``min_θ̂ E max_{‖δ‖≤ε} CE(f(x+δ), y)``; TRADES, natural training and fast AT (FGSM-RS,
-N-FGSM) too; optionally a PGD-step curriculum and a catastrophic-overfitting guard. A stage trains the parameters its
-method marks trainable, validates clean and PGD accuracy after each epoch (RoLI's stage 2 also before the first, so
-selection never picks a model worse than its initialisation), keeps the best checkpoint by validation robust accuracy
-(natural training: by clean accuracy) and a resumable state.
-The hot loop never waits for the device: losses, accuracy and the non-finite check stay on it between checks.
+Objective (Madry PGD-AT): ``min_θ̂ E max_{‖δ‖≤ε} CE(f(x+δ), y)``; TRADES, natural and fast AT (FGSM-RS, N-FGSM)
+too, a PGD-step curriculum and a catastrophic-overfitting guard. A stage trains what its method marks trainable,
+validates after each epoch (RoLI's stage 2 also before the first), keeps the best checkpoint by validation robust
+accuracy (natural training: clean) and a resumable state. The hot loop syncs with the device only at checks.
 """
 
 from __future__ import annotations
@@ -42,8 +40,7 @@ def _stop_agreed(stop: StopRequest) -> bool:
 
 
 def no_decay_names(model: torch.nn.Module) -> set[str]:
-    """Parameters that must not decay although ``ndim >= 2``: the backbone's own list (timm's ``no_weight_decay``:
-    cls/pos/register tokens) and VPT prompts."""
+    """Parameters never decayed although ``ndim >= 2``: timm's ``no_weight_decay`` tokens and VPT prompts."""
     bb = getattr(model, "backbone", None)
     own = bb.no_weight_decay() if hasattr(bb, "no_weight_decay") else set()
     return {n for n, _ in model.named_parameters() if n.removeprefix("backbone.") in own or "prompt" in n}
