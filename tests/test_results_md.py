@@ -246,3 +246,27 @@ def test_committed_results_md_is_current() -> None:
     if not cards.is_dir():
         pytest.skip("docs/embedded/ does not exist yet (the benchmark's cards are not committed)")
     assert (ROOT / "docs" / "results.md").read_text() == R.render(cards)
+
+
+def test_keep_runs_copies_the_small_files_of_finished_runs_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("keep_runs", ROOT / "scripts" / "keep_runs.py")
+    K = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(K)
+    runs, dest = tmp_path / "runs", tmp_path / "kept"
+    roli = runs / "s__t__full-roli__seed0"
+    (roli / "stage2").mkdir(parents=True)
+    for name in ("result.json", "config.yaml", "best.safetensors", "log.txt", "stage2/metrics.jsonl"):
+        (roli / name).write_text(name)
+    (runs / "s__t__linear__seed0").mkdir()  # unfinished: no result.json
+    (runs / "s__t__linear__seed0" / "config.yaml").write_text("x")
+    (runs / "_sweep").mkdir()
+    assert K.keep(runs, dest) == (1, 1)
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert kept == [
+        "s__t__full-roli__seed0/config.yaml",
+        "s__t__full-roli__seed0/result.json",
+        "s__t__full-roli__seed0/stage2/metrics.jsonl",
+    ]
+    assert K.keep(runs, dest) == (1, 0)  # unchanged: not copied again
+    (roli / "result.json").write_text("new")
+    assert K.keep(runs, dest) == (1, 1) and (dest / roli.name / "result.json").read_text() == "new"
