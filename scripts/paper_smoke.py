@@ -1,7 +1,7 @@
 """Smoke test of the paper preset on fabricated inputs: one Swin-B RoLI cell and one ViT-B RoLI cell of
 ``configs/paper/grid.yaml`` run end to end on CPU (1 epoch, a few 224-px images) and write their ``result.json``.
 
-    python scripts/paper_smoke.py OUT_DIR
+    python scripts/paper_smoke.py OUT_DIR [--workers N]
 
 It fabricates ARES-format checkpoints (random weights of timm's Swin-B and ViT-B saved as ARES/timm do: a
 ``torch.save`` of a dict holding the state dict, with an ``argparse.Namespace`` of training args beside it), a tiny
@@ -65,7 +65,7 @@ def fabricate(root: Path) -> None:
         (root / "data" / "splits" / "caltech256" / f"{part}.json").write_text(json.dumps(entries))
 
 
-def main(out: str) -> None:
+def main(out: str, workers: int) -> None:
     root = Path(out).resolve()
     fabricate(root)
     grid = yaml.safe_load((REPO / "configs/paper/grid.yaml").read_text())
@@ -85,7 +85,7 @@ def main(out: str) -> None:
         "--out",
         str(root / "runs"),
         "--workers",
-        "1",
+        str(workers),
         *[a for s in SMALL for a in ("--set", s)],
     ]
     print("$ " + " ".join(cmd), flush=True)
@@ -102,4 +102,8 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="a new or earlier output folder (finished cells are skipped)")
+    parser.add_argument("--workers", type=int, default=1, help="cells at a time (default 1; 2 halves the wall time)")
+    args = parser.parse_args()
+    main(args.out, args.workers)

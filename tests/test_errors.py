@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from advtransfer import checkpoints, embedded, models, train
 from advtransfer.checkpoints import save_checkpoint
 from advtransfer.cli import main
-from advtransfer.config import to_dict
+from advtransfer.config import Init, to_dict
 from advtransfer.configfile import load_config
 from advtransfer.models import ModelSpec, build
 
@@ -264,7 +264,7 @@ def probe_dir(ctx: Ctx, head_classes: int, method: str = "linear") -> Path:
     save_checkpoint(build(spec), spec, d / "best.safetensors")
     cfg = load_config(base={**json.loads(json.dumps(BASE)), "model": {"checkpoint": str(ctx.source)}})
     probe = cfg.model_copy(
-        update={"method": cfg.method.model_copy(update={"name": method, "init": "ranli"}), "train": cfg.probe}
+        update={"method": cfg.method.model_copy(update={"name": method, "init": Init.RANLI}), "train": cfg.probe}
     )
     (d / "config.yaml").write_text(yaml.safe_dump(to_dict(probe)))
     return d
