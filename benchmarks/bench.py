@@ -1,6 +1,6 @@
 """Speed and memory of adversarial finetuning and evaluation, each figure against a baseline measured in this run.
 
-    python benchmarks/bench.py [--quick] [--no-compile] [--threads N] [--json docs/bench.json] [--log docs/bench.log]
+    python benchmarks/bench.py [--quick] [--no-compile] [--no-bf16 | --bf16-emulated] [--threads N] [--json J] [--log L]
 
 Every case runs in a fresh process (``common.in_process``); the implementations a ratio compares run in that ONE
 process, each on its own copy of the same model and batch, timed round-robin (first call, one warm-up, then the
@@ -238,8 +238,12 @@ def main() -> None:
     ap.add_argument("--log", default="", help="also write what is printed to this file")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (they compile for minutes)")
     ap.add_argument("--no-bf16", action="store_true", help="skip bf16 (for CPUs without bf16 units: AVX2-only x86)")
+    ap.add_argument(
+        "--bf16-emulated", action="store_true", help="run bf16 even without bf16 units (both sides emulate it)"
+    )
     args = ap.parse_args()
-    if not args.no_bf16 and not (torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()):
+    bf16_units = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported()
+    if not args.no_bf16 and not bf16_units and not args.bf16_emulated:
         args.no_bf16 = True  # emulated bf16 times the CPU, not advtransfer (0.14x of fp32 measured on AVX2-only)
         print("no bf16 units on this CPU (AVX512-BF16): the bf16 cases are skipped")
     lines, rows, figures, t_start = [], [], {}, time.time()
@@ -255,6 +259,8 @@ def main() -> None:
 
     models = ["minivit28"] if args.quick else list(MODELS)
     say(f"torch {torch.__version__}, {args.threads} thread(s), eps {EPS:.4f}, PGD-{STEPS} training, PGD-10 eval")
+    if not args.no_bf16 and not bf16_units:
+        say("bf16 is emulated here (no bf16 units): the bf16 ratios compare two emulations, not bf16 hardware")
     say(f"{'model':<12} {'method':<7} {'impl':<18} {'img/s':>8} {'ms/step':>9} {'peak MB':>8}  vs reference")
     for m in models:
         iters = 3 if args.quick else MODELS[m][5]
@@ -366,7 +372,9 @@ def main() -> None:
         say(f"{k}={v:.3f}")
     say(f"done in {time.time() - t_start:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"figures": figures, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"figures": figures, "rows": rows, "bf16_units": bf16_units}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":
