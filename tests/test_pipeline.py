@@ -83,6 +83,8 @@ def test_ranli_run_directory(tmp_path, source):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1]
     assert json.loads((out / "env.json").read_text())["torch"].startswith("2.14")
+    log = (out / "log.txt").read_text()  # the mean/std in use, logged before training starts
+    assert log.index(f"preprocessing: mean {card['mean']} std {card['std']}") < log.index("epoch 1/")
     # a finished run is never overwritten unless asked
     assert _run(["run", str(_config(tmp_path, source)), "--out", str(out)]) == 2
 

@@ -318,12 +318,12 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     if len(splits.val) == 0:
         raise UserError("data: the validation split is empty (data.n_val must be >= 1; model selection needs it)")
     spec, origin = source_spec(cfg, splits)
+    rd.log(f"preprocessing: mean {[round(v, 4) for v in spec.mean]} std {[round(v, 4) for v in spec.std]} ({origin})")
     check_channels(spec, splits.train.channels)
     hardware = device_setup(cfg)
     head_from = probe_head(cfg, splits, spec, out, rd) if cfg.method.init == Init.ROLI else None
     final = out / "stage2" if head_from is not None else out
     model, progress = run_stage(cfg, splits, spec, final, "train", rd, head_from)
-    rd.log(f"preprocessing: mean {model.mean.flatten().tolist()} std {model.std.flatten().tolist()} ({origin})")
     best = progress["best"]
     rd.log(f"best epoch {best['epoch'] + 1}: val clean {best['val_clean']:.4f} val pgd {best['val_pgd']:.4f}; testing")
     t_test = time.time()
