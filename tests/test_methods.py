@@ -477,3 +477,31 @@ def test_train_mode_keeps_frozen_subtrees_in_eval():
         p.requires_grad_(False)
     train_mode(model)
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "method, options, drops",
+    [
+        ("full", {}, True),
+        ("linear", {}, False),
+        ("lora", {"rank": 2, "alpha": 2, "dropout": 0.1, "parts": "qv"}, False),
+        ("adapter", {"reduction": 8}, False),
+        ("bias", {"contains": True}, False),
+        ("vpt", {"num_prompts": 2, "deep": True, "dropout": 0.1}, False),
+    ],
+)
+def test_drop_path_acts_in_full_ft_only(method, options, drops):
+    """The paper preset's Swin drop path 0.5 regularises Full-FT; a PEFT method trains inside blocks whose drop path
+    must stay off (the official code keeps the backbone in eval), while the method's own dropout still acts."""
+    from timm.layers import DropPath
+
+    from advtransfer.train import train_mode
+
+    kw = dict(img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
+    spec = ModelSpec("swin_tiny_patch4_window7_224", {**kw, "drop_path_rate": 0.5}, 3, mean=[0.5] * 3, std=[0.5] * 3)
+    model = apply_method(build(spec), method, options)
+    train_mode(model)
+    paths = [m.training for m in model.modules() if isinstance(m, DropPath)]
+    assert len(paths) == 2 and all(t == drops for t in paths)
+    own = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]  # the backbone's have p = 0
+    assert all(m.training for m in own) and (method != "lora" or own)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed as D
@@ -81,10 +82,15 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 
 def train_mode(model: torch.nn.Module) -> None:
     """``model.train()``, except sub-modules whose parameters are all frozen stay in ``eval()``: a linear probe or a
-    PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features. One pass."""
+    PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features. Drop path (stochastic
+    depth) acts only when every parameter trains (Full-FT): PEFT keeps the backbone in eval, as the official code."""
     model.train()
     if _frozen(model) == (True, False):
         model.eval()
+    if not all(p.requires_grad for p in model.parameters()):
+        for m in model.modules():
+            if isinstance(m, DropPath):
+                m.eval()
 
 
 def _frozen(m: torch.nn.Module) -> tuple[bool, bool]:
