@@ -522,7 +522,8 @@ def test_split_file_without_val_is_carved(tmp_path: Path) -> None:
         ({"split.json": "{not json"}, r"cannot read .*split.json: JSONDecodeError"),
         ({"split.json": '{"train": {}, "dev": {}}'}, r"split.json must map train, test \(and optionally val\)"),
         ({"split.json": '{"train": [], "test": {}}'}, r"split.json train must be an object"),
-        ({"split.json": '{"train": {"fish/a.png": "1"}, "test": {}}'}, r"'fish/a.png': label '1' out of range"),
+        ({"split.json": '{"train": {"fish/a.png": "1"}, "test": {"fish/b.png": 0}}'}, r"labels mix integers and names"),
+        ({"split.json": '{"train": {"fish/a.png": 1.5}, "test": {}}'}, r"'fish/a.png': label 1.5 out of range"),
         ({"split.json": '{"train": {"fish/a.png": true}, "test": {}}'}, r"label True out of range"),
         (
             {"split.json": '{"train": {"fish/a.png": 0}, "test": {"fish/a.png": 0}}'},
@@ -561,6 +562,33 @@ def test_split_file_for_named_datasets(tmp_path: Path, name: str) -> None:
     raw = DATASETS[name](_cfg(name, tmp_path, split_file=str(tmp_path / "vpt")))
     assert raw.classes == [re.sub(r"^(\d+\.|n\d+-)", "", f) for f in folders]
     assert pairs(raw.val) == [(str(images / files[0][1]), 0)] and len(raw.train) == 2 and len(raw.test) == 1
+
+
+@pytest.mark.parametrize(
+    "labels, classes",
+    [
+        (("001", "002"), ["birds", "fish"]),  # CUB's official files: names, in sorted (numeric) order
+        (("10", "9"), ["fish", "birds"]),  # digits sort as numbers, not as text
+        ((1, 2), ["birds", "fish"]),  # Stanford Dogs' official files: 1..K
+        (("b", "a"), ["fish", "birds"]),
+    ],
+)
+def test_split_file_labels_as_the_official_files_write_them(tmp_path: Path, labels: tuple, classes: list) -> None:
+    _make_split_file(tmp_path, [])
+    bird, fish = labels
+    tree = {
+        "train": {"birds/b c.png": bird, "fish/b.png": fish},
+        "val": {"birds/a.png": bird},
+        "test": {"fish/a.png": fish},
+    }
+    (tmp_path / "split.json").write_text(json.dumps(tree))
+    raw = DATASETS["imagefolder"](_cfg("imagefolder", tmp_path, split_file=str(tmp_path / "split.json")))
+    assert raw.classes == classes  # named after the folders, in label order
+    bird_y, fish_y = classes.index("birds"), classes.index("fish")
+    assert pairs(raw.train) == [(str(tmp_path / "birds/b c.png"), bird_y), (str(tmp_path / "fish/b.png"), fish_y)]
+    assert pairs(raw.val) == [(str(tmp_path / "birds/a.png"), bird_y)] and pairs(raw.test) == [
+        (str(tmp_path / "fish/a.png"), fish_y)
+    ]
 
 
 def test_load_splits_end_to_end(tmp_path: Path) -> None:

@@ -505,3 +505,29 @@ def test_drop_path_acts_in_full_ft_only(method, options, drops):
     assert len(paths) == 2 and all(t == drops for t in paths)
     own = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]  # the backbone's have p = 0
     assert all(m.training for m in own) and (method != "lora" or own)
+
+
+@pytest.mark.parametrize("method, options", [("vpt", {"num_prompts": 2, "deep": True}), ("full", {})])
+def test_weight_decay_rules(method, options):
+    """ "matrices": ndim >= 2 without VPT prompts or timm's no-decay tokens; "non-bias": the paper code's name rule,
+    under which norm weights and prompts decay too and no bias (relative-position tables included) does."""
+    kw = dict(img_size=56, patch_size=4, window_size=7, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
+    model = apply_method(
+        build(ModelSpec("swin_tiny_patch4_window7_224", kw, 3, mean=[0.5] * 3, std=[0.5] * 3)), method, options
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    for rule in ("matrices", "non-bias"):
+        decay, keep = make_optimizer(model, TrainConfig(weight_decay=0.01, decay_on=rule)).param_groups
+        assert decay["weight_decay"] == 0.01 and keep["weight_decay"] == 0.0
+        decayed = {names[id(p)] for p in decay["params"]}
+        trains = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert decayed | {names[id(p)] for p in keep["params"]} == trains
+        if rule == "non-bias":
+            assert decayed == {n for n in trains if "bias" not in n}
+        else:
+            assert all(model.get_parameter(n).ndim >= 2 and "prompt" not in n for n in decayed)
+        prompts = {n for n in trains if "prompt" in n}
+        assert bool(prompts) == (method == "vpt")
+        assert (prompts <= decayed) == (rule == "non-bias" or not prompts)
+        norms = {n for n in trains if "norm" in n and n.endswith("weight")}
+        assert (norms <= decayed) == (rule == "non-bias" or not norms)

@@ -175,6 +175,7 @@ def test_paper_grid_dry_run_json_has_the_official_values(tmp_path, capsys):
             and t["batch_size"] == 64
             and t["warmup_epochs"] == 10
             and t["schedule_per_epoch"]
+            and t["decay_on"] == p["decay_on"] == "non-bias"  # their name rule: norm weights and prompts decay
         )
         assert r["model"]["preprocess"] == "ares" and r["model"]["head_init"] == "kaiming-fan-out"
         assert (r["data"]["augment"], bool(r["data"]["split_file"])) == ((data not in ("cifar10", "cifar100"),) * 2)
@@ -190,7 +191,7 @@ def test_paper_grid_dry_run_json_has_the_official_values(tmp_path, capsys):
             }
             assert t["weight_decay"] == (0.0 if zero else 0.01)
         if r["method"]["name"] == "lora":
-            assert opts == {"rank": 16, "alpha": 16, "dropout": 0.1, "parts": "qv"}
+            assert opts == {"rank": 16, "alpha": 16, "dropout": 0.0, "parts": "qv"}  # their eval() turns 0.1 off
         if r["method"]["name"] == "vpt":
             assert opts == {"num_prompts": 20 if data == "cub200" else 10, "deep": True, "dropout": 0.1}
         assert opts == {"reduction": 8} if r["method"]["name"] == "adapter" else True

@@ -174,7 +174,10 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
     optimizer: Optimizer = Optimizer.ADAMW
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)  # applied to parameters with ndim >= 2 only
+    weight_decay: float = Field(0.05, ge=0)  # on the parameters that decay_on names
+    # "matrices": ndim >= 2, not timm's no-decay tokens or VPT prompts; "non-bias": every name without "bias" (the
+    # paper's code: norm weights and prompts decay too)
+    decay_on: Literal["matrices", "non-bias"] = "matrices"
     momentum: float = Field(0.9, ge=0)  # SGD only
     warmup_epochs: float = Field(0.0, ge=0)  # linear warmup, then cosine decay to 0 (per step)
     objective: Objective = Objective.AT

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
 
     Three forms: a text file of ``relative/path label split`` lines (split: train, val or test); a JSON file
     ``{"train": {path: label, ...}, "val": {...}, "test": {...}}``; a folder of VPT/FGVC-style ``train.json``,
-    ``val.json``, ``test.json`` (each ``{path: label}``). ``val`` is optional; labels must be 0..K-1 without gaps.
+    ``val.json``, ``test.json`` (each ``{path: label}``). ``val`` is optional. Labels are 0..K-1 without gaps, or, as
+    the official files have them, 1..K (Stanford Dogs) or names (CUB's "001".."200"), mapped to 0..K-1 in sorted order.
     A relative split file is looked up from the working directory, then under ``data.root``. Classes are named after
     their images' parent folder (``001.`` / ``n0208-`` prefixes stripped) where each has its own, else by number.
     """
@@ -158,9 +160,9 @@ def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
             rows.append((f"{path} line {no}", f"on line {no}", part, rel, _int(label, path, no, name)))
     layout: dict[str, Pairs] = {"train": [], "test": []}
     seen: dict[str, str] = {}
+    index = _label_index(rows, path, name)
     for where, tag, part, rel, label in rows:
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise UserError(f"data: {name}: {where}: label {label!r} out of range (must be an integer >= 0)")
+        label = index(where, label)
         if part not in ("train", "val", "test"):
             raise UserError(f"data: {name}: {where}: unknown split {part!r} (use train, val or test)")
         if rel in seen:
@@ -181,6 +183,25 @@ def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
     if any(len(parents[y]) > 1 for y in range(k)) or len(set(classes)) != k:
         classes = [str(y) for y in range(k)]
     return {part: sorted(pairs) for part, pairs in layout.items()}, classes
+
+
+def _label_index(rows: list, path: Path, name: str) -> Callable[[str, object], int]:
+    """Label -> 0..K-1: integers from 0 as they are, integers from 1 shifted, names (all strings) in sorted order
+    (numeric when every name is digits). A gap is reported later, by the caller."""
+    labels = {label for *_, label in rows if type(label) in (int, str)}
+    names, numbers = {y for y in labels if type(y) is str}, {y for y in labels if type(y) is int and y >= 0}
+    if names and numbers:
+        raise UserError(f"data: {name}: {path}: labels mix integers and names (e.g. {min(numbers)} and {min(names)!r})")
+    key = (lambda y: (int(y), y)) if all(y.isdigit() for y in names) else None
+    shift = 1 if numbers and min(numbers) == 1 else 0
+    order = {y: i for i, y in enumerate(sorted(names, key=key))} or {y: y - shift for y in numbers}
+
+    def index(where: str, y: object) -> int:
+        if type(y) not in (int, str) or y not in order:
+            raise UserError(f"data: {name}: {where}: label {y!r} out of range (must be an integer >= 0 or a name)")
+        return order[y]
+
+    return index
 
 
 def _read_json(path: Path, name: str) -> object:

@@ -48,12 +48,16 @@ def no_decay_names(model: torch.nn.Module) -> set[str]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay by rule, on trainable matrices/kernels (``ndim >= 2``) only; AdamW is fused on CUDA."""
-    skip = no_decay_names(model)
+    """Weight decay by rule (``train.decay_on``) on trainable parameters; AdamW is fused on CUDA."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.decay_on == "non-bias":
+        decay = {n for n, _ in named if "bias" not in n}
+    else:
+        skip = no_decay_names(model)
+        decay = {n for n, p in named if p.ndim >= 2 and n not in skip}
     groups = [
-        {"params": [p for n, p in named if p.ndim >= 2 and n not in skip], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in named if p.ndim < 2 or n in skip], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
     if cfg.optimizer == Optimizer.SGD:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
