@@ -40,21 +40,15 @@ def _stop_agreed(stop: StopRequest) -> bool:
     return stop.requested if D.world() == 1 else D.all_sum([float(stop.requested)])[0] > 0
 
 
-def no_decay_names(model: torch.nn.Module) -> set[str]:
-    """Parameters never decayed although ``ndim >= 2``: timm's ``no_weight_decay`` tokens and VPT prompts."""
-    bb = getattr(model, "backbone", None)
-    own = bb.no_weight_decay() if hasattr(bb, "no_weight_decay") else set()
-    return {n for n, _ in model.named_parameters() if n.removeprefix("backbone.") in own or "prompt" in n}
-
-
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay by rule (``train.decay_on``) on trainable parameters; AdamW is fused on CUDA."""
+    """Weight decay by rule (``train.decay_on``) on trainable parameters ("matrices" spares timm's ``no_weight_decay``
+    tokens and VPT prompts); AdamW is fused on CUDA."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    spare = getattr(getattr(model, "backbone", None), "no_weight_decay", set)()
     if cfg.decay_on == "non-bias":
         decay = {n for n, _ in named if "bias" not in n}
     else:
-        skip = no_decay_names(model)
-        decay = {n for n, p in named if p.ndim >= 2 and n not in skip}
+        decay = {n for n, p in named if p.ndim >= 2 and n.removeprefix("backbone.") not in spare and "prompt" not in n}
     groups = [
         {"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
@@ -86,15 +80,14 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 
 def train_mode(model: torch.nn.Module) -> None:
     """``model.train()``, except sub-modules whose parameters are all frozen stay in ``eval()``: a linear probe or a
-    PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features. Drop path (stochastic
-    depth) acts only when every parameter trains (Full-FT): PEFT keeps the backbone in eval, as the official code."""
+    PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features; nor drop paths of
+    blocks it trains in (stochastic depth acts in Full-FT only, as in the official code)."""
     model.train()
     if _frozen(model) == (True, False):
         model.eval()
     if not all(p.requires_grad for p in model.parameters()):
-        for m in model.modules():
-            if isinstance(m, DropPath):
-                m.eval()
+        for m in filter(lambda m: isinstance(m, DropPath), model.modules()):
+            m.eval()
 
 
 def _frozen(m: torch.nn.Module) -> tuple[bool, bool]:
@@ -124,12 +117,9 @@ def adversarial(model, x, y, threat: Threat, cfg: TrainConfig, start: torch.Tens
 
 
 def train_step(model, opt, x, y, threat: Threat, cfg: TrainConfig, ddp=None, start=None):
-    """One optimiser step over ``cfg.accum_steps`` micro-batches (gradients of the mean over the whole batch, as one
-    big batch gives them); returns (loss sum, correct) as device tensors.
-
-    Attacks are crafted on ``model``; the training forward/backward goes through ``ddp`` (the DDP wrapper that
-    averages gradients across ranks) when given. ``start`` is PGD's initial perturbation for the whole batch.
-    """
+    """One optimiser step over ``cfg.accum_steps`` micro-batches (gradients of the whole batch's mean); returns (loss
+    sum, correct) as device tensors. Attacks are crafted on ``model``, the training pass goes through ``ddp`` (the
+    wrapper averaging gradients across ranks) when given; ``start``: PGD's initial perturbation for the batch."""
     opt.zero_grad(set_to_none=True)
     loss_sum, correct, net = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.long), ddp or model
     parts = torch.arange(len(x), device=x.device).chunk(cfg.accum_steps)
