@@ -244,7 +244,13 @@ def finding4(idx: dict, ok: list[str]) -> tuple[list[str], list]:
         rows.append([s, "mean of full, adapter, lora, bias", "RanLI", *cis, "+3.88 / +2.44", v])
     head = ["source", "method", "RoLI vs", "Δ clean, points [95 % CI]", "Δ PGD-10, points [95 % CI]", "paper Δ"]
     md.append(md_table([*head, "verdict"], rows, "lllrrrl") if rows else "No RoLI/RanLI pair on a passing target.")
-    ev, ev_c = f"RoLI ahead for {vs.count(YES)} of {len(vs)} methods", f"RoLI ahead for {vc.count(YES)} of {len(vc)}"
+    missing = [m for m in PAPER if not any(r[1] == m and r[2] == "RanLI" for r in rows)]  # a method with no pair
+    missing_c = [m for m in ("full", "lora") if not any(r[1] == m and r[2] != "RanLI" for r in rows)]
+    vs, vc = vs + [UNSURE] * len(missing), vc + [UNSURE] * len(missing_c)
+    ev, ev_c = (
+        f"RoLI ahead for {v.count(YES)} of {len(v)} methods" + (f" (no pairs yet: {', '.join(m)})" if m else "")
+        for v, m in ((vs, missing), (vc, missing_c))
+    )
     return md, [["4. RoLI improves every method", overall(vs), ev], ["4b. … compute-matched", overall(vc), ev_c]]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,16 @@ def test_synthetic_benchmark(tmp_path: Path, no_draw: None) -> None:
 )
 def test_finding4_follows_the_numbers(tmp_path: Path, no_draw: None, roli: dict, want: str) -> None:
     assert verdicts(R.render(bench(tmp_path, roli)))["4"] == want
+
+
+def test_finding4_needs_every_paper_method(tmp_path: Path, no_draw: None) -> None:
+    """A method of the paper with no RoLI/RanLI pair yet (a partial grid) leaves the finding inconclusive."""
+    bench(tmp_path)
+    for d in [*tmp_path.glob("*__bias-roli__*"), *tmp_path.glob("*__lora-ranli-6ep__*")]:
+        shutil.rmtree(d)
+    text = R.render(tmp_path)
+    assert verdicts(text)["4"] == R.UNSURE and "RoLI ahead for 3 of 4 methods (no pairs yet: bias)" in text
+    assert verdicts(text)["4b"] == R.UNSURE and "(no pairs yet: lora)" in text
 
 
 def test_gate_without_both_sources_excludes_the_target(tmp_path: Path, no_draw: None) -> None:
