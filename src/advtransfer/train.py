@@ -79,27 +79,27 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 
 
 def train_mode(model: torch.nn.Module) -> None:
-    """``model.train()``, except sub-modules whose parameters are all frozen stay in ``eval()``: a linear probe or a
-    PEFT method must not update a frozen backbone's BatchNorm statistics or drop its features; nor drop paths of
-    blocks it trains in (stochastic depth acts in Full-FT only, as in the official code)."""
+    """``model.train()``, except frozen sub-modules (no BatchNorm updates, no dropped features in a frozen backbone)
+    and, unless every parameter trains, drop paths (stochastic depth acts in Full-FT only, as in the official code)."""
     model.train()
-    if _frozen(model) == (True, False):
+    has, trains, frozen = _frozen(model)
+    if has and not trains:
         model.eval()
-    if not all(p.requires_grad for p in model.parameters()):
+    elif frozen:
         for m in filter(lambda m: isinstance(m, DropPath), model.modules()):
             m.eval()
 
 
-def _frozen(m: torch.nn.Module) -> tuple[bool, bool]:
-    """(holds parameters, any trainable) of ``m``'s subtree; frozen child subtrees go to ``eval()`` (recursively)."""
-    own = list(m.parameters(recurse=False))
+def _frozen(m: torch.nn.Module) -> tuple[bool, bool, bool]:
+    """(holds parameters, any trainable, any frozen) of ``m``'s subtree; frozen child subtrees go to ``eval()``."""
+    own = [p.requires_grad for p in m.parameters(recurse=False)]
     kids = [(c, *_frozen(c)) for c in m.children()]
-    has, trains = bool(own) or any(h for _, h, _ in kids), any(p.requires_grad for p in own) or any(t for *_, t in kids)
+    has, trains = bool(own) or any(k[1] for k in kids), any(own) or any(k[2] for k in kids)
     if trains:
-        for c, h, t in kids:
+        for c, h, t, _ in kids:
             if h and not t:
                 c.eval()
-    return has, trains
+    return has, trains, not all(own) or any(k[3] for k in kids)
 
 
 def adversarial(model, x, y, threat: Threat, cfg: TrainConfig, start: torch.Tensor | None):
@@ -225,7 +225,7 @@ def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: St
         sums += torch.stack([loss.double(), correct.double(), sums.new_tensor(hi - lo)])
         progress["step"] += 1
         at_check = progress["step"] % CHECK_EVERY == 0 or progress["step"] == steps
-        stopping = _stop_agreed(stop) if D.world() == 1 or at_check else False
+        stopping = (D.world() == 1 or at_check) and _stop_agreed(stop)
         saving = stopping or (cfg.checkpoint_every and (epoch * steps + progress["step"]) % cfg.checkpoint_every == 0)
         if at_check or saving:
             _check_finite(bad, epoch, stage, progress)
