@@ -227,7 +227,7 @@ def finding3(idx: dict, status: dict, img: Callable) -> tuple[list[str], list]:
 
 def finding4(idx: dict, ok: list[str]) -> tuple[list[str], list]:
     """RoLI − RanLI per method (and vs the compute-matched RanLI), paired by (target, seed); the paper's average."""
-    md, rows, vs, vc = ["## Finding 4: RoLI improves every method", F4_RULE], [], [], []
+    md, rows, found = ["## Finding 4: RoLI improves every method", F4_RULE], [], {}  # (method, base) -> verdicts
     for s in sorted({s for s, _ in main_groups(idx) if "robust" in s}):
         for m, base in [*((m, "ranli") for m in METHODS), ("full", "ranli-6ep"), ("lora", "ranli-6ep")]:
             ro, ra = pool(idx, s, f"{m}-roli", ok), pool(idx, s, f"{m}-{base}", ok)
@@ -236,7 +236,7 @@ def finding4(idx: dict, ok: list[str]) -> tuple[list[str], list]:
                 paper = "{:+.2f} / {:+.2f}".format(*PAPER[m]) if m in PAPER and base == "ranli" else "—"
                 name = m if m in PAPER else f"{m} (RoLI-VPT is ours: not in the verdict)"
                 rows.append([s, name, "RanLI" if base == "ranli" else "RanLI, 6 epochs", *cis, paper, v])
-                (vc if base != "ranli" else vs if m in PAPER else []).append(v)
+                found.setdefault((m, base), []).append(v)
         cells = {i: [pool(idx, s, f"{m}-{i}", ok) for m in PAPER] for i in ("roli", "ranli")}  # mean over methods:
         keys = set.intersection(*map(set, cells["roli"] + cells["ranli"]))
         ro, ra = ({k: {a: statistics.mean(c[k][a] for c in cells[i]) for a in ACCS} for k in keys} for i in cells)
@@ -244,14 +244,15 @@ def finding4(idx: dict, ok: list[str]) -> tuple[list[str], list]:
         rows.append([s, "mean of full, adapter, lora, bias", "RanLI", *cis, "+3.88 / +2.44", v])
     head = ["source", "method", "RoLI vs", "Δ clean, points [95 % CI]", "Δ PGD-10, points [95 % CI]", "paper Δ"]
     md.append(md_table([*head, "verdict"], rows, "lllrrrl") if rows else "No RoLI/RanLI pair on a passing target.")
-    missing = [m for m in PAPER if not any(r[1] == m and r[2] == "RanLI" for r in rows)]  # a method with no pair
-    missing_c = [m for m in ("full", "lora") if not any(r[1] == m and r[2] != "RanLI" for r in rows)]
-    vs, vc = vs + [UNSURE] * len(missing), vc + [UNSURE] * len(missing_c)
-    ev, ev_c = (
-        f"RoLI ahead for {v.count(YES)} of {len(v)} methods" + (f" (no pairs yet: {', '.join(m)})" if m else "")
-        for v, m in ((vs, missing), (vc, missing_c))
-    )
-    return md, [["4. RoLI improves every method", overall(vs), ev], ["4b. … compute-matched", overall(vc), ev_c]]
+    verdicts = []  # a method of the paper (or a control) with no pair yet counts as inconclusive
+    for title, keys in [
+        ("4. RoLI improves every method", [(m, "ranli") for m in PAPER]),
+        ("4b. … compute-matched", [(m, "ranli-6ep") for m in ("full", "lora")]),
+    ]:
+        vs, missing = [v for k in keys for v in found.get(k, [UNSURE])], [m for m, b in keys if (m, b) not in found]
+        ev = f"RoLI ahead for {vs.count(YES)} of {len(vs)} methods"
+        verdicts.append([title, overall(vs), ev + (f" (no pairs yet: {', '.join(missing)})" if missing else "")])
+    return md, verdicts
 
 
 def compute_and_doubts(idx: dict, status: dict, sweeps: dict[str, set[str]]) -> list[str]:
@@ -287,20 +288,13 @@ def render(root: Path, fig_dir: Path | None = None) -> str:
     ok = sorted(t for t, v in status.items() if v == "pass")
     (f1, v1), (f2, v2), (f4, v4) = finding1(idx, ok), finding2(idx, ok, img), finding4(idx, ok)
     f3, v3 = finding3(idx, status, img)
-    top = [INTRO.format(n=sum(map(len, idx.values()))), *progress(Path(root)), "## How verdicts are decided", RULES]
+    sweeps = planned(Path(root))
+    top = [INTRO.format(n=sum(map(len, idx.values()))), *progress(Path(root), sweeps), "## How verdicts are decided"]
+    top += [RULES]
     top += ["## Verdicts"]
     top += [f"Gate: {', '.join(f'{t} {v}' for t, v in status.items()) or 'no target'}."]
     top += [md_table(["finding", "verdict", "evidence"], [[a, f"**{v}**", e] for a, v, e in v1 + v2 + v3 + v4])]
-    parts = [
-        top,
-        gate_md,
-        main_tables(idx, status, img),
-        f1,
-        f2,
-        f3,
-        f4,
-        compute_and_doubts(idx, status, planned(Path(root))),
-    ]
+    parts = [top, gate_md, main_tables(idx, status, img), f1, f2, f3, f4, compute_and_doubts(idx, status, sweeps)]
     return "\n\n".join(line for p in parts for line in p) + "\n"
 
 
@@ -313,10 +307,10 @@ def planned(root: Path) -> dict[str, set[str]]:
     return out
 
 
-def progress(root: Path) -> list[str]:
-    """A PARTIAL banner naming how many of each sweep's planned runs are under ``root``."""
+def progress(root: Path, sweeps: dict[str, set[str]]) -> list[str]:
+    """A PARTIAL banner naming how many of each sweep's planned runs (``planned``) are under ``root``."""
     have = {p.name for p in root.iterdir() if (p / "result.json").is_file()}
-    counts = [(name, len(names & have), len(names)) for name, names in planned(root).items()]
+    counts = [(name, len(names & have), len(names)) for name, names in sweeps.items()]
     if all(done == total for _, done, total in counts):
         return []
     parts = ", ".join(f"`{name}.yaml` {done} of {total}" for name, done, total in counts)
