@@ -4,8 +4,7 @@ Transfer Learning") — RanLI / RoLI, Linear / Full-FT / PEFT methods, PGD and A
 import logging as _logging
 from importlib.metadata import PackageNotFoundError, version
 
-# torch warns "No CUDA runtime is found" when a CUDA build of torch runs on a CPU-only machine; say it once, at
-# debug level, instead of on every command (it is emitted when peft/timm import torch.utils.cpp_extension).
+# silence torch's "No CUDA runtime is found" (a CUDA build on a CPU-only machine) on every peft/timm import
 _logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
 
 try:

@@ -1,26 +1,20 @@
 """Attacks on ``[0,1]`` images: PGD under L∞ and L2 (Madry et al. 2018), fast-AT crafting (FGSM-RS, N-FGSM), and the
-per-example correctness of a batch under no attack, PGD and AutoAttack (used by training and evaluation alike).
-
-Contracts: the model runs in ``eval()`` while crafting and gets its caller's mode back; gradients are taken with
-respect to the input only (``torch.autograd.grad``) with every parameter's ``requires_grad`` off, so no ``.grad`` is
-left on parameters and no weight-gradient work is done; every iterate stays inside the ε-ball and ``[0,1]``.
-Defaults: step ε/4, a uniform random start in the ball. ``Threat.iterate``: ``last`` keeps the final iterate;
-``best`` keeps the iterate (random start included) with the highest batch-mean loss, as the paper's code does.
-With ``restarts > 1`` each example keeps its worst case: an iterate that fools the model wins, else the highest loss.
-``Threat.early_exit`` (off by default; it changes the attack): an example stops at the first iterate that fools the
-model and leaves the batch, so later steps cost less and can never undo a success.
+per-example correctness of a batch under no attack, PGD and AutoAttack. While crafting, the model runs in ``eval()``
+with every parameter frozen (input gradients only, no ``.grad`` left); every iterate stays in the ε-ball and ``[0,1]``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed as D
 from .config import AttackConfig
@@ -35,8 +29,8 @@ class Threat:
     norm: str = "Linf"  # "Linf" | "L2"
     steps: int = 10
     step_size: float | None = None  # None = eps / 4
-    iterate: str = "last"  # "last" | "best" (highest batch-mean loss, the paper's code)
-    early_exit: bool = False  # stop updating examples once misclassified (needs iterate "last")
+    iterate: str = "last"  # "last" | "best" (the iterate with the highest batch-mean loss, as the paper's code)
+    early_exit: bool = False  # an example stops (keeps its iterate) once misclassified; changes the attack
 
     def __post_init__(self) -> None:
         if self.early_exit and self.iterate == "best":
@@ -54,16 +48,12 @@ class Threat:
 
 @contextlib.contextmanager
 def autocast(enabled: bool, device: torch.device) -> Iterator[None]:
-    """bf16 autocast when ``enabled``. On CPU, attention runs on the math SDPA path: the fused CPU kernel's bf16
-    backward is slow on short sequences (``benchmarks/bf16_attention.py``, docs/performance.md)."""
-    if not enabled:
-        yield
-        return
-    with torch.autocast(device.type, dtype=torch.bfloat16), contextlib.ExitStack() as stack:
-        if device.type == "cpu":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    """bf16 autocast if ``enabled``; on CPU, math SDPA (the fused kernel's bf16 backward is slow: bf16_attention.py)"""
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+            if device.type == "cpu":
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         yield
 
 
@@ -82,16 +72,13 @@ def attacking(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
     """CW margin per example: ``max_{j != y} z_j - z_y`` (positive once misclassified)."""
-    other = logits.clone()
-    other.scatter_(1, y[:, None], -torch.inf)
+    other = logits.clone().scatter_(1, y[:, None], -torch.inf)
     return other.amax(1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def per_example_loss(
-    logits: torch.Tensor, y: torch.Tensor, loss: str, clean: torch.Tensor | None = None
-) -> torch.Tensor:
+def per_example_loss(logits: Tensor, y: Tensor, loss: str, clean: Tensor | None = None) -> Tensor:
     logits = logits.float()
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
@@ -102,34 +89,31 @@ def per_example_loss(
     raise ValueError(f"unknown attack loss {loss!r}")
 
 
-def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, *[1] * (like.ndim - 1))
+def _norms(t: Tensor) -> Tensor:
+    """Per-example L2 norms (at least 1e-12), shaped to broadcast over ``t``."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.ndim - 1))
 
 
-def uniform_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def uniform_start(x: Tensor, eps: float, norm: str) -> Tensor:
     """A perturbation uniform in the ε-ball, clipped so that ``x + delta`` stays in ``[0,1]``."""
     if norm == "Linf":
         delta = torch.empty_like(x).uniform_(-eps, eps)
     else:
         direction = torch.randn_like(x)
-        direction /= _view(direction.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-        delta = direction * _view(eps * torch.rand(len(x), device=x.device).pow(1.0 / x[0].numel()), x)
+        radius = eps * torch.rand(len(x), device=x.device).pow(1.0 / x[0].numel())
+        delta = direction / _norms(direction) * radius.view(-1, *[1] * (x.ndim - 1))
     return (x + delta).clamp_(0, 1) - x
 
 
-def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return delta.clamp_(-eps, eps)
-    return delta * torch.clamp(eps / _view(delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta), max=1.0)
+def project(delta: Tensor, eps: float, norm: str) -> Tensor:
+    return delta.clamp_(-eps, eps) if norm == "Linf" else delta * torch.clamp(eps / _norms(delta), max=1.0)
 
 
-def ascend(delta: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return delta + alpha * grad.sign()
-    return delta + alpha * grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+def ascend(delta: Tensor, grad: Tensor, alpha: float, norm: str) -> Tensor:
+    return delta + (alpha * grad.sign() if norm == "Linf" else alpha * grad / _norms(grad))
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bf16: bool, clean=None):
+def input_grad(model: nn.Module, x: Tensor, y: Tensor, loss: str, bf16: bool, clean=None):
     """(summed loss, its gradient w.r.t. ``x``, logits): the sum makes each example's step independent of the batch."""
     x = x.detach().requires_grad_(True)
     with autocast(bf16, x.device):
@@ -139,8 +123,7 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, bf
 
 
 def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: bool, clean, start, live):
-    """One PGD run on the examples ``live`` (None = all). The start is drawn for the whole batch either way, so an
-    example's attack never depends on which others are attacked (with iterate "last")."""
+    """One PGD run on the examples ``live`` (None = all); the start is drawn for the whole batch regardless."""
     if start is not None:  # a start drawn by the caller (e.g. for a whole global batch split across ranks)
         delta = (x + project(start.clone(), threat.eps, threat.norm)).clamp_(0, 1) - x
     elif loss == "kl" and not random_start:
@@ -172,30 +155,22 @@ def _pgd_once(model, x, y, threat: Threat, loss: str, random_start: bool, bf16: 
 
 def pgd(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Tensor,
+    y: Tensor,
     threat: Threat,
     *,
     restarts: int = 1,
     loss: str = "ce",
     random_start: bool = True,
     bf16: bool = False,
-    clean_logits: torch.Tensor | None = None,
-    start: torch.Tensor | None = None,
-    live: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Projected gradient ascent; returns adversarial images in ``[0,1]`` within ``threat.eps`` of ``x``.
-
-    Args:
-        model: maps ``[0,1]`` images to logits. Put in ``eval()`` while attacking; its mode is restored.
-        x, y: images ``[N,C,H,W]`` in ``[0,1]`` and int64 labels.
-        threat: ε, norm, steps, step size (default ε/4), iterate rule, early exit.
-        restarts: random restarts; the per-example worst case is kept.
-        loss: ``ce`` (cross-entropy), ``margin`` (CW-style), or ``kl`` (TRADES; needs ``clean_logits``).
-        bf16: craft under bf16 autocast (training speed); reported evaluations use fp32.
-        start: the first restart's initial perturbation (default: drawn here, uniform in the ball).
-        live: indices of the examples to attack (default all); the others come back at their random start.
-    """
+    clean_logits: Tensor | None = None,
+    start: Tensor | None = None,
+    live: Tensor | None = None,
+) -> Tensor:
+    """Projected gradient ascent on ``loss`` (``ce``, ``margin``, or ``kl``: TRADES, needs ``clean_logits``): images in
+    ``[0,1]`` within ``threat.eps`` of ``x``. With ``restarts > 1`` each example keeps its worst case (an iterate that
+    fools the model wins, else the highest loss). ``start``: the first restart's perturbation (default uniform in
+    the ball); ``live``: the examples to attack (default all; the others come back at their random start)."""
     with attacking(model):
         if restarts == 1:
             return _pgd_once(model, x, y, threat, loss, random_start, bf16, clean_logits, start, live)
@@ -214,7 +189,7 @@ def pgd(
         return best
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, kind: str, bf16: bool = False):
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, kind: str, bf16: bool = False):
     """One-step adversarial examples for fast AT (L∞). ``fgsm-rs`` (Wong et al. 2020): uniform start in the ε-ball,
     one step of 1.25 ε, projected to the ball. ``n-fgsm`` (de Jorge et al. 2022): uniform noise in the 2ε-ball, one
     step of ε, not projected (the perturbation may reach 3ε: that is the method, on purpose). Both stay in ``[0,1]``."""
@@ -227,11 +202,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, kin
         return (x + delta).clamp_(0, 1).detach()
 
 
-# ----------------------------------------------------------------------------- correctness of one batch
-
-
 @torch.no_grad()
-def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def clean_correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Per-example mask: predicted correctly (eval mode, fp32; the caller's mode returns)."""
     with attacking(model):
         return model(x).argmax(1) == y
@@ -239,29 +211,25 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def pgd_correct(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Tensor,
+    y: Tensor,
     threat: Threat,
     *,
     restarts: int = 1,
     loss: str = "ce",
-    only: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-example mask: still correct after PGD. ``only``: attack just these examples (e.g. the clean-correct ones:
-    the others count as not robust), the rest are False. With iterate "last" the result equals attacking all and
-    masking (starts are drawn for the whole batch); with "best" every example joins the batch-mean rule, so all are
-    attacked and the mask applied after."""
+    only: Tensor | None = None,
+) -> Tensor:
+    """Per-example mask: still correct after PGD; ``only`` attacks just these (the rest False), as masking after."""
     idx = None if only is None or threat.iterate == "best" else only.nonzero().squeeze(1)
+    none = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     if idx is not None and not len(idx):
         for _ in range(restarts):  # draw the starts all the same: later batches see the RNG as after a full attack
             uniform_start(x, threat.eps, threat.norm)
-        return torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        return none
     adv = pgd(model, x, y, threat, restarts=restarts, loss=loss, live=idx)
     if idx is None:
         return clean_correct(model, adv, y) & (True if only is None else only)
-    return torch.zeros(len(x), dtype=torch.bool, device=x.device).index_put(
-        (idx,), clean_correct(model, adv[idx], y[idx])
-    )
+    return none.index_put((idx,), clean_correct(model, adv[idx], y[idx]))
 
 
 def autoattack(
@@ -275,22 +243,19 @@ def autoattack(
     seed: int = 0,
     device: torch.device | None = None,
 ):
-    """fra31's AutoAttack (``pyautoattack``) with ``min(9, K-1)`` target classes; ``version="custom"`` runs ``attacks``
-    only (non-standard, labelled so by the caller). Returns the AutoAttack object and its attack sequence."""
-    import logging
-
+    """fra31's AutoAttack (``min(9, K-1)`` target classes) and its attack sequence (``attacks`` if custom)."""
     from pyautoattack import AutoAttack
 
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     custom = list(attacks) if version == "custom" else None
     aa = AutoAttack(model, eps=float(eps), norm=norm, seed=seed, version=version, device=device, attacks=custom)
     aa.verbose = False
-    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, num_classes - 1)
-    aa.fab.n_target_classes = min(aa.fab.n_target_classes, num_classes - 1)
+    for part in (aa.apgd_targeted, aa.fab):
+        part.n_target_classes = min(part.n_target_classes, num_classes - 1)
     return aa, list(aa.attacks_to_run)
 
 
-def autoattack_correct(aa, attack: str, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def autoattack_correct(aa, attack: str, x: Tensor, y: Tensor, model: nn.Module) -> Tensor:
     """Per-example mask: still correct after one AutoAttack ``attack`` on a batch of (so far robust) examples."""
     with attacking(model):
         aa.attacks_to_run = [attack]

@@ -1,14 +1,5 @@
-"""Our checkpoints and resume state: safetensors checkpoints (full or compact), whole models back from them or from a
-foreign file (``weightfiles.py`` reads any file safely), the RoLI head, and the resume state (model, optimiser,
-scheduler, every RNG).
-
-Our checkpoints are safetensors with a JSON metadata entry ``advtransfer`` (the ``ModelSpec``). A *compact*
-checkpoint (linear probing and PEFT: the backbone never changes) holds only the trainable tensors and the buffers of
-modules that train, plus the source checkpoint's path and SHA-256: reloading rebuilds the source model, applies the
-method and loads them — exact, and refused when the source file changed.
-"""
-
-from __future__ import annotations
+"""Our checkpoints (safetensors + ``ModelSpec`` JSON metadata; *compact*: only what trains, plus the source file's path
+and SHA-256, refused if it changed), whole models back from any weights file, the RoLI head, and the resume state."""
 
 import json
 import random
@@ -28,8 +19,7 @@ from .weightfiles import META_KEY, check_keys, load_backbone_weights, load_forei
 
 
 def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU tensors that safetensors accepts: one that shares memory with another (tied weights) or is a
-    view into a larger storage is cloned; the others are written without a copy."""
+    """Detached CPU tensors that safetensors accepts: tied weights and views into larger storage are cloned."""
     out, seen = {}, set()
     for k, v in state.items():
         v = v.detach().cpu()
@@ -44,8 +34,7 @@ def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def compact_keys(model: torch.nn.Module) -> list[str]:
-    """What a compact checkpoint keeps: trainable parameters and the buffers of every module with a trainable
-    parameter of its own (e.g. the running statistics of a BatchNorm whose affine weights train)."""
+    """Trainable parameters and the buffers of every module with a trainable parameter of its own (a BatchNorm's)."""
     keys = []
     for name, m in model.named_modules():
         own = dict(m.named_parameters(recurse=False))
@@ -59,8 +48,7 @@ def compact_keys(model: torch.nn.Module) -> list[str]:
 def save_checkpoint(model: Classifier, spec: ModelSpec, path: Path, only: list[str] | None = None) -> None:
     """Weights + spec metadata as one safetensors file, written atomically; ``only``: a compact checkpoint."""
     state = model.state_dict()
-    if only is not None:
-        state = {k: state[k] for k in only}
+    state = state if only is None else {k: state[k] for k in only}
     meta = {META_KEY: spec.model_dump_json(), "compact": json.dumps(only is not None)}
     atomic_write(path, lambda tmp: save_file(plain_tensors(state), tmp, metadata=meta))
 
@@ -108,9 +96,6 @@ def load_head(model: Classifier, path: Path) -> None:
     model.load_state_dict(source, strict=False)
 
 
-# ----------------------------------------------------------------------------- resume state
-
-
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -129,9 +114,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_state(path: Path, model, opt, sched, progress: dict, only: list[str] | None = None) -> None:
-    """Everything needed to continue bit-identically, as one safetensors file (atomic). ``only``: the model tensors
-    that change (a compact run's frozen backbone is rebuilt from its source on resume). Tied weights are stored as
-    separate copies; loading copies them back into the model's own parameters, so the tie survives a resume."""
+    """Everything needed to continue bit-identically, as one safetensors file (atomic); ``only``: the model tensors
+    that change. Tied weights are stored as copies, loaded back into the model's own parameters (the tie survives)."""
     state = model.state_dict()
     tensors = {f"model/{k}": state[k] for k in (state if only is None else only)}
     osd = opt.state_dict()
@@ -139,13 +123,9 @@ def save_state(path: Path, model, opt, sched, progress: dict, only: list[str] | 
         tensors.update({f"optim/{pid}/{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()})
     rng_t, rng_m = rng_state()
     sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    meta = {
-        "progress": progress,
-        "param_groups": osd["param_groups"],
-        "scheduler": sched_state,
-        "rng": rng_m,
-        "compact": only is not None,
-    }
+    meta = dict(
+        progress=progress, param_groups=osd["param_groups"], scheduler=sched_state, rng=rng_m, compact=only is not None
+    )
     tensors = plain_tensors({**tensors, **rng_t})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
 

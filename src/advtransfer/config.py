@@ -1,8 +1,5 @@
-"""The run schema: pydantic models are the only source of truth; YAML files and ``--set KEY=VALUE`` hold overrides.
-
-Each field says its unit and reason; constraints are declared on the field. ε is an ``Eps``: a number that
-remembers how it was written (``"8/255"``), so results record exactly what was asked. Loading files and ``--set``
-overrides lives in ``configfile.py``; the RoLI probe rule (which linear run may be a RoLI run's stage 1) is here.
+"""The run schema: pydantic models (one field per line, with its unit) are the only source of truth; ε is an ``Eps``
+that remembers how it was written (``"8/255"``). Files and ``--set`` live in ``configfile.py``; the RoLI rule is here.
 """
 
 from __future__ import annotations
@@ -18,11 +15,8 @@ from pydantic_core import core_schema
 from .errors import UserError
 
 AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
-
-
-class Norm(str, enum.Enum):
-    LINF = "Linf"
-    L2 = "L2"
+Norm = enum.Enum("Norm", {"LINF": "Linf", "L2": "L2"}, type=str)
+Optimizer = enum.Enum("Optimizer", {"ADAMW": "adamw", "SGD": "sgd"}, type=str)
 
 
 class Init(str, enum.Enum):
@@ -36,11 +30,6 @@ class Objective(str, enum.Enum):
     NATURAL = "natural"  # plain CE on clean images
     FGSM_RS = "fgsm-rs"  # one FGSM step from a uniform random start, step 1.25 eps (Wong et al. 2020)
     N_FGSM = "n-fgsm"  # noise in a 2-eps ball, FGSM step eps, no projection (de Jorge et al. 2022)
-
-
-class Optimizer(str, enum.Enum):
-    ADAMW = "adamw"
-    SGD = "sgd"
 
 
 class Eps(float):
@@ -88,11 +77,6 @@ def parse_eps(value: Any) -> Eps:
     return Eps(value)
 
 
-def _listed(v: Any) -> Any:
-    """``"a,b"`` -> ``["a", "b"]`` for list fields (the form ``--set`` and the CLI take)."""
-    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
-
-
 def _workers(v: Any) -> int | str:
     """``"auto"`` (min(8, CPUs / processes), see ``data.worker_count``) or a count >= 0 (0 = the main process)."""
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
@@ -100,8 +84,10 @@ def _workers(v: Any) -> int | str:
     raise ValueError(f"workers must be >= 0 or 'auto', got {v!r}")
 
 
-Floats = Annotated[tuple[float, ...], BeforeValidator(_listed)]
-Strings = Annotated[tuple[str, ...], BeforeValidator(_listed)]
+# list fields also take "a,b" (the form --set and the CLI take)
+_listed = BeforeValidator(lambda v: [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v)
+Floats = Annotated[tuple[float, ...], _listed]
+Strings = Annotated[tuple[str, ...], _listed]
 
 
 class Section(BaseModel):
@@ -132,9 +118,7 @@ class ModelConfig(Section):
     std: Floats = ()
     input_size: int = Field(0, ge=0)  # resize inputs to this inside the model (0 = the backbone's own size)
     preprocess: Literal["", "imagenet", "ares", "inception", "clip"] = ""  # the source's mean/std by name
-    head_init: Literal["timm", "kaiming-fan-out"] = (
-        "timm"  # a new head's init; the paper: kaiming fan-out, bias -log 99
-    )
+    head_init: Literal["timm", "kaiming-fan-out"] = "timm"  # new head init; the paper: kaiming fan-out, bias -log 99
 
     @field_validator("std")
     @classmethod
@@ -253,17 +237,8 @@ def to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
 
 
-# ----------------------------------------------------------------------------- the RoLI rule
-
-
 def probe_problems(probe: RunConfig, run: RunConfig, check_train: bool = True) -> list[str]:
-    """Why a finished run ``probe`` cannot be RoLI stage 1 of ``run`` ([] = it fits). Written once: the pipeline
-    checks a reused ``method.probe_run`` with it, and the sweep picks a grid's linear cell with it.
-
-    A probe fits when it is an adversarial linear RanLI run on the same data, source, threat model, seed and
-    validation attack, trained with exactly ``run.probe`` (the probe settings), e.g. not a natural-objective probe.
-    ``check_train=False`` leaves out the last condition (the sweep then gives the chosen linear run those settings).
-    """
+    """Why a finished run ``probe`` cannot be RoLI stage 1 of ``run`` ([] = it fits); pipeline and sweep share it."""
     problems = []
     if (probe.method.name, probe.method.init) != ("linear", Init.RANLI):
         problems.append(f"its method is {probe.method.name!r} ({probe.method.init.value}), not 'linear' (ranli)")
@@ -274,13 +249,8 @@ def probe_problems(probe: RunConfig, run: RunConfig, check_train: bool = True) -
             problems.append(f"its {key} differs")
     if probe.eval.val_pgd_steps != run.eval.val_pgd_steps:
         problems.append("its validation attack differs")
-    if check_train and probe.train != run.probe:
-        problems.append(
-            f"it was trained with train={_diff(probe.train, run.probe)} instead of this run's probe settings"
-        )
+    if check_train and probe.train != run.probe:  # the sweep passes False: it gives the linear run those settings
+        got, want = to_dict(probe.train), to_dict(run.probe)
+        diff = ", ".join(f"{k}: {got[k]!r} (probe wants {want[k]!r})" for k in got if got[k] != want[k])
+        problems.append(f"it was trained with train={{{diff}}} instead of this run's probe settings")
     return problems
-
-
-def _diff(a: BaseModel, b: BaseModel) -> str:
-    da, db = to_dict(a), to_dict(b)
-    return "{" + ", ".join(f"{k}: {da[k]!r} (probe wants {db[k]!r})" for k in da if da[k] != db[k]) + "}"

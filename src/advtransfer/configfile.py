@@ -1,8 +1,6 @@
 """Config files and overrides -> a validated ``RunConfig``: YAML files, ``--set KEY=VALUE`` dotted overrides, and
-pydantic's validation errors translated into one ``UserError`` line that names the key (``did you mean`` included).
-
-Pydantic was chosen over OmegaConf: it was already in our dependency tree, validates constraints (``ge``/``gt``,
-literals, enums) declaratively next to each field, and has no interpolation syntax to surprise a user's strings.
+pydantic's errors as one ``UserError`` line naming the key. Pydantic over OmegaConf: declarative constraints per field,
+already a dependency, and no interpolation syntax to surprise a user's strings.
 """
 
 from __future__ import annotations
@@ -18,19 +16,16 @@ from pydantic import BaseModel, ValidationError
 from .config import Eps, RunConfig
 from .errors import UserError
 
-# ----------------------------------------------------------------------------- errors, one line naming the key
+_MESSAGES = {"int": "must be an integer", "bool": "must be true or false", "float": "must be a number"}
+_MESSAGES |= {"finite": "must be finite", "string": "must be a string"}
+_MESSAGES |= dict.fromkeys(("model", "dict"), "must be a mapping") | dict.fromkeys(("tuple", "list"), "must be a list")
 
-_MESSAGES = {
-    "int": "must be an integer",
-    "bool": "must be true or false",
-    "float": "must be a number",
-    "finite": "must be finite",
-    "model": "must be a mapping",
-    "dict": "must be a mapping",
-    "string": "must be a string",
-    "tuple": "must be a list",
-    "list": "must be a list",
-}
+
+def _unknown(full: str, parent: list[str], key: str, names: typing.Iterable[str]) -> UserError:
+    """``unknown key`` naming the full path, with the closest field of its section as a hint."""
+    close = difflib.get_close_matches(key, list(names), n=1)
+    hint = f" (did you mean '{'.'.join([*parent, close[0]])}'?)" if close else ""
+    return UserError(f"config: unknown key '{full}'{hint}")
 
 
 def _explain(e: ValidationError) -> UserError:
@@ -40,12 +35,10 @@ def _explain(e: ValidationError) -> UserError:
     if kind == "extra_forbidden":  # the unknown key is the last location, whatever its spelling ("08")
         last = str(err["loc"][-1])
         loc = [*(loc[:-1] if loc and loc[-1] == last else loc), last]
-        key, names = ".".join(loc), list(_section(loc[:-1]).model_fields)
-        close = difflib.get_close_matches(loc[-1], names, n=1)
-        hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
-        return UserError(f"config: unknown key '{key}'{hint}")
+        return _unknown(".".join(loc), loc[:-1], last, _section(loc[:-1]).model_fields)
     if kind in ("enum", "literal_error"):
-        return UserError(f"config: '{key}' must be one of {_choices(ctx['expected'])}, got {got!r}")
+        choices = [c.strip("'") for c in ctx["expected"].replace(" or ", ",").split(",") if c.strip()]
+        return UserError(f"config: '{key}' must be one of {choices}, got {got!r}")
     bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<"}.get(kind)
     if bound:
         return UserError(f"config: {key} must be {bound} {next(iter(ctx.values()))}, got {got!r}")
@@ -59,10 +52,6 @@ def _explain(e: ValidationError) -> UserError:
         return UserError(f"config: {key}: {text}" if key else f"config: {text}")
     what = _MESSAGES.get(kind.split("_")[0]) or _MESSAGES.get(kind.rsplit("_", 1)[-1]) or err["msg"]
     return UserError(f"config: '{key}' {what}, got {got!r}")
-
-
-def _choices(expected: str) -> list[str]:
-    return [c.strip("'") for c in expected.replace(" or ", ",").split(",") if c.strip()]
 
 
 def _section(loc: list[str]) -> type[BaseModel]:
@@ -84,9 +73,6 @@ def from_dict(cls: type[BaseModel], data: Any) -> Any:
         raise _explain(e) from None
 
 
-# ----------------------------------------------------------------------------- --set KEY=VALUE
-
-
 def parse_set(item: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 0.0003). The value is read as YAML (numbers, bools, lists)."""
     if "=" not in item:
@@ -102,33 +88,22 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     return parts, raw if value is None else value
 
 
-def apply_set(tree: dict, item: str) -> None:
-    """Set one ``--set KEY=VALUE`` into a nested config dict (see ``put``)."""
-    parts, value = parse_set(item)
-    put(tree, parts, value, raw=item.split("=", 1)[1].strip())
-
-
 def put(tree: dict, parts: list[str], value: Any, raw: str = "") -> None:
-    """Set the key path ``parts`` of a nested config dict, checked against the schema (unknown keys name the closest
-    one). A textual field (str, ε) takes the ``raw`` text when YAML read it as something else (``name=2024-01-01``
-    stays a string, ``attack.eps=0.10`` stays ``"0.10"``); free-form mappings (``model.kwargs``,
-    ``method.options``) take any sub-key. Mappings in ``tree`` are copied, never mutated."""
+    """Set the key path ``parts`` of a nested config dict (mappings copied, not mutated), checked by the schema."""
     full, cls = ".".join(parts), RunConfig
     for i, key in enumerate(parts):
         field = cls.model_fields.get(key) if cls is not None else None
         if cls is not None and field is None:
-            close = difflib.get_close_matches(key, list(cls.model_fields), n=1)
-            hint = f" (did you mean '{'.'.join([*parts[:i], close[0]])}'?)" if close else ""
-            raise UserError(f"config: unknown key '{full}'{hint}")
+            raise _unknown(full, parts[:i], key, cls.model_fields)
         ann = field.annotation if field is not None else None
-        if i == len(parts) - 1:
+        if i == len(parts) - 1:  # a textual field (str, ε) keeps the raw text: name=2024-01-01, attack.eps=0.10
             textual = ann in (str, Eps, Eps | None)
             tree[key] = raw if textual and raw and not isinstance(value, (str, dict, list)) else value
             return
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             cls = ann
         elif cls is None or ann is dict:
-            cls = None  # inside a free-form mapping
+            cls = None  # inside a free-form mapping (model.kwargs, method.options): any sub-key
         else:
             raise UserError(f"config: '{key}' in '{full}' has no sub-keys")
         tree[key] = dict(tree[key]) if isinstance(tree.get(key), dict) else {}
@@ -167,5 +142,5 @@ def load_config(
     """``base`` dict + YAML file (optional) + ``--set`` overrides -> a validated ``RunConfig``."""
     tree = _merge(dict(base or {}), read_yaml(path)) if path is not None else dict(base or {})
     for item in overrides:
-        apply_set(tree, item)
+        put(tree, *parse_set(item), raw=item.split("=", 1)[1].strip())
     return from_dict(RunConfig, tree)

@@ -1,11 +1,6 @@
-"""Raw datasets -> ``Splits``: embedded MNIST / Fashion-MNIST, CIFAR-10/100, image-file datasets; the registry.
-
-The embedded datasets' IDX files come checksum-verified from ``embedded.py``; CIFAR is read from its python
-batches (torchvision downloads them on request). Both are held in memory as uint8. Image-file datasets (layouts in
-``imagefiles.py``: ImageFolder, Caltech-256, CUB-200, Stanford Dogs) are read when indexed. Each loader of
-``DATASETS`` maps a ``DataConfig`` to ``Splits`` with labels in ``[0, K)``; ``data.load_splits`` carves the
-validation split, subsamples, and builds composites and variants on top.
-"""
+"""Raw datasets -> ``Splits`` with labels in ``[0, K)``, the ``DATASETS`` registry: embedded MNIST / Fashion-MNIST
+(checksum-verified IDX files from ``embedded.py``) and CIFAR-10/100 held in memory as uint8; image-file datasets
+(layouts of ``imagefiles.py``) read when indexed. ``data.load_splits`` builds the run's splits on top."""
 
 from __future__ import annotations
 
@@ -15,6 +10,7 @@ import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,8 @@ SPLIT_SEED = 1234  # fixed: the val carve-out and subsamples do not move with th
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"]
 
 
-# ----------------------------------------------------------------------------- the split types
+def permutation(n: int, seed: int = SPLIT_SEED) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass(eq=False)
@@ -70,20 +67,17 @@ class Split:
         return replace(self, labels=self.labels[idx], files=[self.files[i] for i in idx.tolist()])
 
     def load(self, i: int) -> torch.Tensor:
-        """Image ``i`` as stored: uint8 ``[C,H,W]``, an image file at its own size."""
-        return self.pixels[i] if self.pixels is not None else read_image(self.files[i], self.channels)
+        """Image ``i`` as stored: uint8 ``[C,H,W]``; an image file at its own size, grey if 1 channel, else RGB."""
+        if self.pixels is not None:
+            return self.pixels[i]
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms.v2.functional import pil_to_tensor
 
-
-def read_image(path: str, channels: int) -> torch.Tensor:
-    """Image file ``path`` as uint8 ``[C,H,W]`` (grey if ``channels`` is 1, else RGB)."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    try:
-        with Image.open(path) as im:
-            return pil_to_tensor(im.convert("L" if channels == 1 else "RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"data: cannot read image {path}: {e.__class__.__name__}") from None
+        try:
+            with Image.open(self.files[i]) as im:
+                return pil_to_tensor(im.convert("L" if self.channels == 1 else "RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise UserError(f"data: cannot read image {self.files[i]}: {e.__class__.__name__}") from None
 
 
 @dataclass
@@ -104,14 +98,8 @@ class Splits:
 Loader = Callable[[DataConfig], Splits]
 
 
-# ----------------------------------------------------------------------------- embedded datasets
-
-
 def read_idx(path: Path) -> np.ndarray:
-    """An unsigned-byte IDX file (gzipped if ``.gz``) as a uint8 array, parsed by torchvision's reader.
-
-    Checked first (torchvision's reader asserts): the magic number, and that the size matches the header.
-    """
+    """An unsigned-byte IDX file (gzipped if ``.gz``) as uint8, checked here (torchvision's reader only asserts)."""
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
     try:
@@ -133,9 +121,8 @@ def read_idx(path: Path) -> np.ndarray:
         return read_sn3_pascalvincent_tensor(tmp.name).numpy()
 
 
-def _load_idx_set(name: str, classes: list[str]) -> Splits:
-    folder = install(name)
-    ext = ".gz" if name == "fashion-mnist" else ""
+def _embedded(name: str, classes: list[str], cfg: DataConfig) -> Splits:
+    folder, ext = install(name), ".gz" if name == "fashion-mnist" else ""
 
     def split(prefix: str) -> Split:
         x = read_idx(folder / f"{prefix}-images-idx3-ubyte{ext}")
@@ -149,17 +136,6 @@ def _load_idx_set(name: str, classes: list[str]) -> Splits:
     return Splits(train=split("train"), val=None, test=split("t10k"), classes=classes)
 
 
-def load_mnist(cfg: DataConfig) -> Splits:
-    return _load_idx_set("mnist", [str(i) for i in range(10)])
-
-
-def load_fashion_mnist(cfg: DataConfig) -> Splits:
-    return _load_idx_set("fashion-mnist", FASHION_CLASSES)
-
-
-# ----------------------------------------------------------------------------- CIFAR
-
-
 # name -> (folder, train batches, test batches, meta file, prefix of the class-names and labels keys)
 _CIFAR = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", ""),
@@ -168,10 +144,8 @@ _CIFAR = {
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Loads CIFAR batches (dicts, lists, numpy arrays) but refuses any other global: no code runs.
-
-    Not torchvision's CIFAR classes: they call ``pickle.load``, which runs whatever code a tampered file names.
-    """
+    """CIFAR batches (dicts, lists, numpy arrays), refusing any other global: no code runs (unlike torchvision's
+    CIFAR classes, whose ``pickle.load`` runs whatever code a tampered file names)."""
 
     def find_class(self, module: str, name: str) -> object:
         numpy_ok = module.split(".")[0] == "numpy" and name in {"_reconstruct", "ndarray", "dtype", "scalar"}
@@ -180,36 +154,32 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
 
 
-def _unpickle(path: Path, name: str) -> dict:
+def _unpickle(path: Path, name: str, *keys: str) -> list:
+    """The ``keys`` entries of the CIFAR pickle ``path``, read by ``_SafeUnpickler``."""
     try:
         obj = _SafeUnpickler(io.BytesIO(need(path, name).read_bytes()), encoding="latin1").load()
     except Exception as e:  # a corrupt pickle can raise almost anything
         raise UserError(f"data: {name}: cannot read CIFAR batch {path}: {why(e)}") from None
     if not isinstance(obj, dict):
         raise UserError(f"data: {name}: {path} is not a CIFAR batch (no dict inside)")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _cifar_key(d: dict, key: str, path: Path, name: str) -> object:
-    if key not in d:
-        raise UserError(f"data: {name}: {path} has no {key!r} entry")
-    return d[key]
+    d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    if missing := [key for key in keys if key not in d]:
+        raise UserError(f"data: {name}: {path} has no {missing[0]!r} entry")
+    return [d[key] for key in keys]
 
 
 def _cifar_split(folder: Path, files: list[str], labels_key: str, k: int, name: str) -> Split:
     xs, ys = [], []
     for f in files:
-        d = _unpickle(folder / f, name)
-        x = np.asarray(_cifar_key(d, "data", folder / f, name))
-        y = np.asarray(_cifar_key(d, labels_key, folder / f, name)).ravel()
+        x, y = _unpickle(folder / f, name, "data", labels_key)
+        x, y = np.asarray(x), np.asarray(y).ravel()
         ok = x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32 and len(x) == len(y)
         if not ok or (len(y) and y.dtype.kind not in "iu"):
             raise UserError(
                 f"data: {name}: {folder / f}: expected uint8 data [N,3072] and N integer labels, "
                 f"got {x.dtype} {list(x.shape)} and {len(y)} {y.dtype} labels"
             )
-        bad = y[(y < 0) | (y >= k)]
-        if len(bad):
+        if len(bad := y[(y < 0) | (y >= k)]):
             raise UserError(f"data: {name}: {folder / f}: label {int(bad[0])} out of range for {k} classes")
         xs.append(x.reshape(-1, 3, 32, 32))
         ys.append(y.astype(np.int64))
@@ -218,7 +188,6 @@ def _cifar_split(folder: Path, files: list[str], labels_key: str, k: int, name: 
 
 def _cifar_loader(name: str) -> Loader:
     folder_name, train_files, test_files, meta_file, prefix = _CIFAR[name]
-    names_key, labels_key, tv_class = f"{prefix}label_names", f"{prefix}labels", name.upper()
 
     def load(cfg: DataConfig) -> Splits:
         """CIFAR from its python batches under ``cfg.root`` (default: the data cache); torchvision downloads."""
@@ -234,56 +203,40 @@ def _cifar_loader(name: str) -> Loader:
             import torchvision
 
             try:
-                getattr(torchvision.datasets, tv_class)(str(folder.parent), train=True, download=True)
+                getattr(torchvision.datasets, name.upper())(str(folder.parent), train=True, download=True)
             except Exception as e:  # no internet, disk full, bad checksum...
                 raise UserError(f"data: {name}: download into {folder.parent} failed: {why(e)}") from None
-        meta = _unpickle(folder / meta_file, name)
-        classes = [str(c) for c in _cifar_key(meta, names_key, folder / meta_file, name)]
+        (names,) = _unpickle(folder / meta_file, name, f"{prefix}label_names")
+        classes = [str(c) for c in names]
         train, test = (
-            _cifar_split(folder, files, labels_key, len(classes), name) for files in (train_files, test_files)
+            _cifar_split(folder, fs, f"{prefix}labels", len(classes), name) for fs in (train_files, test_files)
         )
         return Splits(train=train, val=None, test=test, classes=classes)
 
-    load.__name__ = f"load_{name}"
     return load
 
 
-load_cifar10 = _cifar_loader("cifar10")
-load_cifar100 = _cifar_loader("cifar100")
-
-
-# ----------------------------------------------------------------------------- image files
-
-
-def _lazy(pairs: list[tuple[Path, int]], cfg: DataConfig) -> Split:
-    """A lazy RGB split of ``(image path, label)`` pairs, in a fixed pseudo-random order (``SPLIT_SEED``).
-
-    Folder layouts list images class by class; shuffled once, any prefix of the split (AutoAttack's
-    ``n_autoattack`` subset of the test split) spans the classes instead of holding the first few.
-    """
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    pairs = [pairs[i] for i in order]
-    return Split(
-        labels=torch.tensor([y for _, y in pairs], dtype=torch.int64),
-        files=[str(f) for f, _ in pairs],
-        image_size=cfg.image_size or 224,
-        augment=cfg.augment,
-    )
-
-
 def _files(layout: Callable[[DataConfig], Layout]) -> Loader:
+    """A loader of ``layout``'s image files as lazy RGB splits."""
+
     def load(cfg: DataConfig) -> Splits:
         splits, classes = layout(cfg)
-        lazy = {part: _lazy(pairs, cfg) for part, pairs in splits.items()}
+        lazy = {}
+        for part, pairs in splits.items():
+            # layouts go class by class; shuffled once (SPLIT_SEED), any prefix of a split (AutoAttack's
+            # n_autoattack subset of the test split) spans the classes instead of holding the first few
+            pairs = [pairs[i] for i in permutation(len(pairs)).tolist()]
+            labels = torch.tensor([y for _, y in pairs], dtype=torch.int64)
+            files = [str(f) for f, _ in pairs]
+            lazy[part] = Split(labels=labels, files=files, image_size=cfg.image_size or 224, augment=cfg.augment)
         return Splits(train=lazy["train"], val=lazy.get("val"), test=lazy["test"], classes=classes)
 
     return load
 
 
 DATASETS: dict[str, Loader] = {
-    "mnist": load_mnist,
-    "fashion-mnist": load_fashion_mnist,
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
+    "mnist": partial(_embedded, "mnist", [str(i) for i in range(10)]),
+    "fashion-mnist": partial(_embedded, "fashion-mnist", FASHION_CLASSES),
+    **{name: _cifar_loader(name) for name in _CIFAR},
     **{name: _files(layout) for name, layout in LAYOUTS.items()},
 }

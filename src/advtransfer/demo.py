@@ -1,17 +1,19 @@
 """``advtransfer demo``: the shipped robust mini-ViT transferred to Fashion-MNIST with every method x init.
 
-The RanLI linear probe is run once, with the preset's ``probe`` settings, and doubles as stage 1 of every RoLI run
-(as in the paper, one robust linear head initialises all methods). Each entry is an ordinary run directory under ``--out``; finished
-runs are skipped, so an interrupted demo continues where it stopped.
+The RanLI linear probe runs once (``probe`` settings) and is stage 1 of every RoLI run, as in the paper. Each entry is
+a run directory under ``--out``; finished runs are skipped, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
+import torch
 import yaml
 
 from .configfile import load_config
@@ -26,9 +28,7 @@ def demo_configs(out: Path, methods: list[str]) -> list[tuple[Path, object]]:
     if not ckpt.is_absolute():
         base["model"]["checkpoint"] = str(Path(__file__).resolve().parents[2] / ckpt)
     runs = [(out / "linear-ranli", load_config(base={**base, "train": base["probe"]}))]  # the probe trains as one
-    for m in methods:
-        if m == "linear":
-            continue
+    for m in (name for name in methods if name != "linear"):
         for init in ("ranli", "roli"):
             sets = [f"method.name={m}", f"method.init={init}"]
             if init == "roli":  # stage 1 is the linear-ranli run
@@ -39,8 +39,6 @@ def demo_configs(out: Path, methods: list[str]) -> list[tuple[Path, object]]:
 
 def _run_one(job: tuple) -> dict:
     """One demo run in a worker process (single-threaded: small-batch attacks scale across processes)."""
-    import torch
-
     path, cfg, overwrite, threads = job
     if threads:
         torch.set_num_threads(threads)
@@ -52,22 +50,21 @@ def _run_one(job: tuple) -> dict:
 
 def run_demo(out: Path, methods: list[str] | None = None, overwrite: bool = False, workers: int = 2) -> str:
     """Run the demo: the linear probe first (it is every RoLI run's stage 1), then the rest on ``workers``."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     t0 = time.time()
     jobs = [(path, cfg, overwrite, 1) for path, cfg in demo_configs(out, methods or ORDER)]
     jobs[0] = (*jobs[0][:3], 0)  # the probe runs alone: all threads
     cards = [_run_one(jobs[0])]
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         cards += list(pool.map(_run_one, jobs[1:]))
-    c = cards[0]
+    c, aa = cards[0], cards[0]["autoattack_settings"]
+    budget = (
+        "standard" if aa["standard"] else f"NON-STANDARD: {'+'.join(aa['attacks'])} only, to fit the 10-minute budget"
+    )
+    epochs = len(read_jsonl(out / "linear-ranli" / "metrics.jsonl"))
     header = (
         f"Demo: robust MNIST mini-ViT -> Fashion-MNIST, eps={c['eps']} {c['norm']}; train {c.get('n_train')} images x "
-        f"{len(read_jsonl(out / 'linear-ranli' / 'metrics.jsonl'))} epochs "
-        f"(PGD-7), test clean/PGD-10 on n={c['n_eval']}, AutoAttack on n={c.get('n_autoattack')} "
-        f"({'standard' if c['autoattack_settings']['standard'] else 'NON-STANDARD: ' + '+'.join(c['autoattack_settings']['attacks']) + ' only, to fit the 10-minute budget'}); "
-        f"wall {time.time() - t0:.0f} s with {workers} worker processes"
+        f"{epochs} epochs (PGD-7), test clean/PGD-10 on n={c['n_eval']}, AutoAttack on n={c.get('n_autoattack')} "
+        f"({budget}); wall {time.time() - t0:.0f} s with {workers} worker processes"
     )
     table = header + "\n\n" + results_table(cards)
     write_text(out / "report.md", "# advtransfer demo\n\n" + table + "\n")

@@ -1,12 +1,7 @@
-"""torch.distributed glue: one process per device under ``torchrun``; a no-op in a single process.
+"""torch.distributed glue: one process per device under ``torchrun`` (gloo on CPU, NCCL on GPU); a no-op otherwise.
 
-``torchrun --nproc_per_node N -m advtransfer run CONFIG`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; we
-initialise gloo on CPU and NCCL on GPU. Training splits every global batch into equal contiguous shards
-(one per rank) and averages gradients with DDP, so N processes at global batch B take the same steps as
-one process at batch B (BatchNorm models: on GPU their layers become ``SyncBatchNorm``; on CPU, where
-PyTorch has no SyncBatchNorm, each rank normalises with its shard's statistics and the run log says so).
-Evaluation shards the examples and all-gathers the per-example masks. Only rank 0 writes files. A signal
-stops every rank at the same step; ``--resume`` continues exactly (the tests check both).
+Training shards every global batch across ranks and averages gradients with DDP, so N processes take the same steps as
+one; evaluation shards the examples and all-gathers the masks. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -15,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def init() -> None:
@@ -27,11 +23,8 @@ def init() -> None:
 
 
 def shutdown(ok: bool = True) -> None:
-    """Leave the process group (no-op outside torchrun); after success, first wait for every rank.
-
-    Exiting with a live gloo group can abort the interpreter at teardown ("terminate called without an
-    active exception", SIGABRT) even though the run finished, so every ``init`` is paired with this.
-    """
+    """Leave the process group (no-op outside torchrun); after success, first wait for every rank."""
+    # exiting with a live gloo group can abort the interpreter at teardown (SIGABRT) though the run finished
     if not dist.is_initialized():
         return
     try:
@@ -71,9 +64,8 @@ def gather_cat(t: torch.Tensor, n_total: int) -> torch.Tensor:
     """All-gather per-rank shards made by ``shard_bounds`` back into one tensor of length ``n_total``."""
     if world() == 1:
         return t
-    sizes = [shard_bounds(n_total, r)[1] - shard_bounds(n_total, r)[0] for r in range(world())]
-    width = max(sizes)
-    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    sizes = [hi - lo for lo, hi in (shard_bounds(n_total, r) for r in range(world()))]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[: len(t)] = t
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
@@ -95,15 +87,12 @@ def barrier() -> None:
 
 
 def ddp(model: torch.nn.Module, log, compile_it: bool = False) -> torch.nn.Module | None:
-    """A DistributedDataParallel wrapper of ``model`` under torchrun (None in one process); BatchNorm becomes
-    SyncBatchNorm on GPU (batch statistics over the global batch, as one process computes them)."""
+    """A DistributedDataParallel wrapper of ``model`` under torchrun (None in one process)."""
     if world() == 1:
         return None
-    from torch.nn.parallel import DistributedDataParallel
-
     dev = next(model.parameters()).device
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        if dev.type == "cuda":
+        if dev.type == "cuda":  # statistics over the global batch, as one process computes them
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log("BatchNorm under torchrun on CPU normalises with each rank's shard (SyncBatchNorm is GPU-only)")

@@ -1,10 +1,6 @@
-"""The report document: written once as markdown; HTML rendered from it; LaTeX tables; report.json.
-
-``write_report(dirs, out)`` collects every finished run (``result.json``) and every ε sweep
-(``eval.json`` with a ``"sweep"``) under ``dirs`` and writes to ``out``: ``report.md`` (figures in ``figures/`` as
-PDF and PNG), ``report.html`` (that markdown rendered by markdown-it, the PNGs embedded as base64, so the page is
-self-contained), ``report.tex`` (each group's cells as a booktabs table) and ``report.json`` (the numbers).
-"""
+"""The report document of every finished run (``result.json``) and ε sweep (``eval.json``) under some directories:
+``report.md`` (figures in ``figures/``, PDF and PNG), ``report.html`` (that markdown rendered by markdown-it, PNGs
+inlined), ``report.tex`` (each group's cells as a booktabs table) and ``report.json`` (the numbers)."""
 
 from __future__ import annotations
 
@@ -18,19 +14,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 from . import figures as F
-from .report import (
-    ADVERSARIAL,
-    aggregate,
-    cell_label,
-    find_results,
-    find_sweeps,
-    fmt_pct,
-    fmt_stat,
-    md_table,
-    pearson,
-    robustness_sources,
-    transfer_metrics,
-)
+from . import report as R
 from .rundir import atomic_write
 
 _TEX = {c: "\\" + c for c in "_%&#${}"} | {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}"}
@@ -65,9 +49,6 @@ def markdown_html(text: str, root: Path, title: str) -> str:
     return f"{head}<body>\n{md.renderer.render(tokens, md.options, {})}</body></html>\n"
 
 
-# ----------------------------------------------------------------------------- the report
-
-
 def _source_name(source: str) -> str:
     return Path(source).stem if source not in ("scratch", "timm-pretrained", "unknown") else source
 
@@ -88,7 +69,7 @@ def _cell_row(k: tuple, c: dict) -> list:
     tp, tot = c["trainable_params"], c["total_params"]
     share = f" ({100 * tp[0] / tot[0]:.2f}%)" if tp and tot and tot[0] else ""
     params = ("—" if tp is None else f"{round(tp[0]):,}") + share
-    accs = (fmt_stat(c[m], c["n"]) for m in ("clean", "pgd", "autoattack"))
+    accs = (R.fmt_stat(c[m], c["n"]) for m in ("clean", "pgd", "autoattack"))
     return [*k, c["n"], ",".join(str(s) for s in c["seeds"]), *accs, params, c["n_flags"]]
 
 
@@ -98,14 +79,14 @@ def _group(key: tuple, cells: dict, img: Callable) -> tuple[list[str], str, dict
     title = f"{_source_name(source)} → {dataset} (ε={eps} {norm})"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{_source_name(source)}_{dataset}_{norm}_{eps}").strip("-")[:80] or "x"
     rows = [_cell_row(k, c) for k, c in cells.items()]
-    notes = [f"{cell_label(k)}: {n}" for k, c in cells.items() for n in c["notes"]]
+    notes = [f"{R.cell_label(k)}: {n}" for k, c in cells.items() for n in c["notes"]]
     md = [f"## {title}", f"Source checkpoint: `{source}`.", "### Accuracy (clean, PGD, AutoAttack)"]
-    md += [md_table(CELL_HEAD, rows, CELL_ALIGN), *(["Notes: " + "; ".join(notes) + "."] if notes else [])]
+    md += [R.md_table(CELL_HEAD, rows, CELL_ALIGN), *(["Notes: " + "; ".join(notes) + "."] if notes else [])]
     md += img(F.fig_clean_robust(cells, title), f"clean_robust_{slug}", f"clean vs robust, {title}")
-    tm, src = transfer_metrics(cells), robustness_sources(cells)
+    tm, src = R.transfer_metrics(cells), R.robustness_sources(cells)
     head = ["TA = clean(Linear)/clean(Full-FT)", "TR (PGD)", "TR (AutoAttack)", "missing runs"]
     ratios = ["—" if tm[m] is None else f"{tm[m]:.3f}" for m in ("TA", "TR", "TR_autoattack")]
-    md += ["### Transferred accuracy and robustness", md_table(head, [[*ratios, ", ".join(tm["missing"]) or "none"]])]
+    md += ["### Transferred accuracy and robustness", R.md_table(head, [[*ratios, ", ".join(tm["missing"]) or "none"]])]
     md.append("### Sources of robustness")
     if src is None:
         md.append(
@@ -113,14 +94,13 @@ def _group(key: tuple, cells: dict, img: Callable) -> tuple[list[str], str, dict
             "so inherited robustness is not measured."
         )
     else:
-        inh = fmt_stat(src["inherited"], src["n"])
-        clean = fmt_stat(src["inherited_clean"], src["n"])
+        inh, clean = (R.fmt_stat(src[k], src["n"]) for k in ("inherited", "inherited_clean"))
         md.append(f"Inherited (natural linear probe on the frozen source, n={src['n']}): PGD {inh} %, clean {clean} %.")
         gains = [
-            [cell_label(r["cell"]), fmt_stat(r["achieved"], r["achieved"][2]), inh, f"{100 * r['gain']:+.2f}"]
+            [R.cell_label(r["cell"]), R.fmt_stat(r["achieved"], r["achieved"][2]), inh, f"{100 * r['gain']:+.2f}"]
             for r in src["rows"]
         ]
-        md.append(md_table(["method/init", "achieved PGD %", "inherited PGD %", "gain (pp)"], gains))
+        md.append(R.md_table(["method/init", "achieved PGD %", "inherited PGD %", "gain (pp)"], gains))
     md.append("### Validation curves and cost")
     md += img(F.fig_curves(cells, title), f"curves_{slug}", f"validation curves, {title}")
     md += img(F.fig_params(cells, title), f"params_{slug}", f"trainable parameters vs PGD, {title}")
@@ -137,13 +117,12 @@ def _group(key: tuple, cells: dict, img: Callable) -> tuple[list[str], str, dict
 
 
 def write_report(dirs: list[Path], out: Path | None = None) -> Path:
-    """Write ``report.md``/``.html``/``.tex``/``.json`` and ``figures/`` for the runs under ``dirs`` to ``out`` (default:
-    ``dirs[0]``); return the path of ``report.md``. No directory, or none holding a result card, is a ``UserError``."""
-    results = find_results(dirs)
+    """Write the report of the runs under ``dirs`` to ``out`` (default ``dirs[0]``); return the report.md path."""
+    results = R.find_results(dirs)
     out = Path(out or dirs[0])
     F.clear(out / "figures")
     root = Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
-    groups = aggregate([(p.resolve(), c) for p, c in results])
+    groups = R.aggregate([(p.resolve(), c) for p, c in results])
 
     def img(fig: F.Figure | None, name: str, alt: str) -> list[str]:
         return [] if F.save(fig, out / "figures" / name) is None else [f"![{alt}](figures/{name}.png)"]
@@ -168,48 +147,52 @@ def write_report(dirs: list[Path], out: Path | None = None) -> Path:
             points.append((f"{_source_name(key[0])}→{key[1]}", entry["transfer"]["TA"], entry["transfer"]["TR"]))
         runs = [(p, f) for c in cells.values() for p, card in c["runs"] for f in card.get("flags") or []]
         flags += [[_rel(p, root), f.get("flag", "?"), f.get("detail", "")] for p, f in runs]
-
-    r = pearson([p[1] for p in points], [p[2] for p in points])
+    r = R.pearson([p[1] for p in points], [p[2] for p in points])
     summary |= {"transfer_points": points, "pearson_TR_TA": r}
+    md += _tail(dirs, root, results, (points, r, sources, flags), img)
+    text = "\n\n".join(md) + "\n"
+    files = {
+        "report.md": text,
+        "report.html": markdown_html(text, out, "advtransfer report"),
+        "report.tex": "\n".join(tex),
+        "report.json": json.dumps(summary, indent=2, default=str) + "\n",
+    }
+    for name, content in files.items():
+        atomic_write(out / name, lambda tmp, content=content: Path(tmp).write_text(content))
+    return out / "report.md"
+
+
+def _tail(dirs: list[Path], root: Path, results: list, across: tuple, img: Callable) -> list[str]:
+    """The sections after the groups: TR vs TA, sources of robustness, ε sweeps, sanity flags and all runs."""
+    points, r, sources, flags = across
     rs = "n/a (needs at least 3 groups)" if r is None else f"{r:.3f}"
-    md += ["## Transferred robustness vs transferred accuracy"]
+    md = ["## Transferred robustness vs transferred accuracy"]
     md += [f"{len(points)} group(s) with both TA and TR; Pearson r(TR, TA) = {rs}."]
     md += img(F.fig_transfer(points, r), "transfer", "TR vs TA") + ["## Robustness inherited vs achieved"]
     md += img(F.fig_sources(sources), "sources", "inherited vs achieved robustness") if sources else []
     md += [] if sources else ["No group has a natural-objective linear probe."]
-
-    sweeps = [(_rel(p.resolve(), root), ev) for p, ev in find_sweeps(dirs)]
+    sweeps = [(_rel(p.resolve(), root), ev) for p, ev in R.find_sweeps(dirs)]
     sweeps = [(f"{p}: {_source_name(str(ev.get('checkpoint', '?')))} on {ev.get('data', '?')}", ev) for p, ev in sweeps]
     md.append("## ε sweeps")
     if sweeps:
         md += img(F.fig_sweeps(sweeps), "eps_sweep", "accuracy vs eps")
         pts = [(lab, p) for lab, ev in sweeps for p in sorted(ev["sweep"], key=lambda q: q["eps"])]
         rows = [
-            [lab, f"{p['eps']:.4g}", *(fmt_pct(p.get(m)) for m in ("clean", "pgd", "autoattack"))] for lab, p in pts
+            [lab, f"{p['eps']:.4g}", *(R.fmt_pct(p.get(m)) for m in ("clean", "pgd", "autoattack"))] for lab, p in pts
         ]
-        md.append(md_table(["eval", "ε", "clean %", "PGD %", "AutoAttack %"], rows, "lrrrr"))
+        md.append(R.md_table(["eval", "ε", "clean %", "PGD %", "AutoAttack %"], rows, "lrrrr"))
         flags += [[lab, f.get("flag", "?"), f.get("detail", "")] for lab, ev in sweeps for f in ev.get("flags") or []]
     else:
         md.append("No eval.json with a sweep (`advtransfer eval --eps a,b,c --out DIR`).")
     md.append("## Sanity flags")
     md.append(
-        md_table(["run", "flag", "detail"], flags) if flags else "No sanity flag was raised by any run or evaluation."
+        R.md_table(["run", "flag", "detail"], flags) if flags else "No sanity flag was raised by any run or evaluation."
     )
     head = ["run", "method", "init", "objective", "seed", "clean %", "PGD %", "AutoAttack %", "best epoch"]
     rows = [
-        [_rel(p.resolve(), root), c.get("method"), c.get("init"), c.get("objective", ADVERSARIAL), c.get("seed")]
-        + [fmt_pct(c.get(f)) for f in ("clean_acc", "pgd_acc", "autoattack_acc")]
+        [_rel(p.resolve(), root), c.get("method"), c.get("init"), c.get("objective", R.ADVERSARIAL), c.get("seed")]
+        + [R.fmt_pct(c.get(f)) for f in ("clean_acc", "pgd_acc", "autoattack_acc")]
         + ["—" if c.get("best_epoch") is None else c["best_epoch"] + 1]
         for p, c in results
     ]
-    md += ["## All runs", md_table(head, rows, "lllllrrrr")]
-
-    text = "\n\n".join(md) + "\n"
-    files = {
-        "report.md": text,
-        "report.html": markdown_html(text, out, "advtransfer report"),
-        "report.tex": "\n".join(tex),
-    }
-    for name, content in {**files, "report.json": json.dumps(summary, indent=2, default=str) + "\n"}.items():
-        atomic_write(out / name, lambda tmp, content=content: Path(tmp).write_text(content))
-    return out / "report.md"
+    return md + ["## All runs", R.md_table(head, rows, "lllllrrrr")]

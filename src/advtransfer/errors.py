@@ -1,16 +1,13 @@
-"""The two kinds of failure the CLI tells apart.
-
-``UserError`` is a bad input (config, path, data, checkpoint): the CLI prints one line and exits 2.
-``RunError`` is a failure while running (non-finite loss, out of memory, disk full): one line, exit 1.
-"""
+"""The failures the CLI tells apart: ``UserError`` (bad input: one line, exit 2), ``RunError`` (a failure while
+running: one line, exit 1) and ``Interrupted`` (exit 130)."""
 
 
 class UserError(Exception):
-    """A problem with what the user gave us; the message names it in one line."""
+    """A problem with what the user gave us (config, path, data, checkpoint); the message names it in one line."""
 
 
 class RunError(Exception):
-    """A failure during a run; the message says what happened and what was kept."""
+    """A failure during a run (non-finite loss, out of memory, disk full); the message says what was kept."""
 
 
 class Interrupted(Exception):

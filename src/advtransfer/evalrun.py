@@ -44,12 +44,8 @@ def eval_checkpoint(
 ) -> dict:
     """Evaluate ``checkpoint`` (ours, or a foreign file with ``backbone``) at the largest ε of ``eps`` (a
     comma-separated list runs a sweep over all of them); print the table; return the result."""
-    for name, value, low in (
-        ("--n", n, 0),
-        ("--pgd-steps", pgd_steps, 1),
-        ("--pgd-restarts", pgd_restarts, 1),
-        ("--batch-size", batch_size, 1),
-    ):
+    limits = {"--n": (n, 0), "--pgd-steps": (pgd_steps, 1), "--pgd-restarts": (pgd_restarts, 1)}
+    for name, (value, low) in {**limits, "--batch-size": (batch_size, 1)}.items():
         if value < low:
             raise UserError(f"eval: {name} must be >= {low}, got {value}")
     eps_list = [Eps(e) for e in eps.split(",") if e.strip()]
@@ -66,46 +62,34 @@ def eval_checkpoint(
     if splits.num_classes != spec.num_classes:
         raise UserError(f"eval: checkpoint has {spec.num_classes} classes but {data} has {splits.num_classes}")
     check_channels(spec, splits.test.channels)
-    dev = next(model.parameters()).device
-    load, where = split_batches(splits.test, batch_size, dev), Path(out) if out else None
-    threat = Threat(max(eps_list), norm, pgd_steps)
+    load = split_batches(splits.test, batch_size, next(model.parameters()).device)
+    where, threat, size = Path(out) if out else None, Threat(max(eps_list), norm, pgd_steps), len(splits.test)
     kw = dict(attacks=tuple(attacks), restarts=pgd_restarts, loss=pgd_loss, seed=seed, num_classes=spec.num_classes)
+    aa = dict(aa_version=aa_version, aa_attacks=aa_attacks, aa_state=where / "autoattack_state.json" if where else None)
     with StopRequest() as stop:
-        res = evaluate_batches(
-            model,
-            load,
-            len(splits.test),
-            threat,
-            aa_version=aa_version,
-            aa_attacks=aa_attacks,
-            aa_state=where / "autoattack_state.json" if where else None,
-            stop=stop,
-            **kw,
-        )
+        res = evaluate_batches(model, load, size, threat, stop=stop, **aa, **kw)
         if len(eps_list) > 1:
-            sw = sweep(
-                model,
-                load,
-                len(splits.test),
-                threat,
-                eps_list,
-                **{**kw, "attacks": [a for a in attacks if a != "autoattack"]},
-            )
+            no_aa = [a for a in attacks if a != "autoattack"]
+            sw = sweep(model, load, size, threat, eps_list, **{**kw, "attacks": no_aa})
             res["sweep"], res["flags"] = sw["points"], res["flags"] + sw["flags"]
     masks = res.pop("masks")
-    label = "" if aa_version == "standard" else " (custom, NON-STANDARD)"
-    print(f"{checkpoint} on {data} test, n={res['n']}, eps={eps.split(',')[-1]} {norm}")
+    _print(res, f"{checkpoint} on {data} test, n={res['n']}, eps={eps.split(',')[-1]} {norm}", aa_version)
+    if where is not None:
+        masks = {k: v.to(torch.uint8) for k, v in masks.items()}
+        atomic_write(where / "masks.safetensors", lambda tmp: save_file(masks, tmp))
+        write_json(where / "eval.json", {"checkpoint": checkpoint, "data": data, "eps_arg": eps, "notes": notes, **res})
+    return res
+
+
+def _print(res: dict, title: str, aa_version: str) -> None:
+    """The result table: accuracies, the ε sweep, and the sanity flags with their details."""
+    print(title)
     for k in ("clean", "pgd", "autoattack"):
         if k in res:
-            print(f"  {k:<11}{res[k] * 100:6.2f} %" + (label if k == "autoattack" else ""))
+            label = " (custom, NON-STANDARD)" if k == "autoattack" and aa_version != "standard" else ""
+            print(f"  {k:<11}{res[k] * 100:6.2f} %{label}")
     if "sweep" in res:
         print("  eps sweep: " + "  ".join(f"{p['eps']:.4f}:{p['pgd'] * 100:.1f}%" for p in res["sweep"]))
     print("  flags: " + (", ".join(f["flag"] for f in res["flags"]) or "none"))
     for f in res["flags"]:
         print(f"    {f['flag']}: {f['detail']}")
-    if where is not None:
-        atomic_write(
-            where / "masks.safetensors", lambda tmp: save_file({k: v.to(torch.uint8) for k, v in masks.items()}, tmp)
-        )
-        write_json(where / "eval.json", {"checkpoint": checkpoint, "data": data, "eps_arg": eps, "notes": notes, **res})
-    return res

@@ -1,15 +1,12 @@
-"""Figures of a report: matplotlib ``Figure`` objects (no pyplot, so no global state and no display backend).
-
-Each ``fig_*`` function returns a ``Figure``, or None when it has nothing to draw; ``save`` writes one as PDF
-(vector, TrueType fonts as publishers ask) and PNG (``DPI``). Accuracy axes span at least ``MIN_SPAN`` points, so
-near-equal values are not blown up over a whole axis; epoch axes have integer ticks; point labels are placed
-greedily where they stay inside the axes and overlap no marker and no other label.
-"""
+"""Report figures as matplotlib ``Figure`` objects (no pyplot: no global state, no display backend); each ``fig_*``
+returns one, or None when it has nothing to draw. Accuracy axes span at least ``MIN_SPAN`` points, so near-equal
+values are not blown up over a whole axis; point labels are placed where they overlap no marker and no label."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 from matplotlib import colormaps, rc_context
@@ -40,14 +37,9 @@ def save(fig: Figure | None, stem: Path) -> Path | None:
     """Write ``fig`` to ``stem.pdf`` and ``stem.png`` (atomically); return the PNG's path, None for no figure."""
     if fig is None:
         return None
-
-    def write(fmt: str) -> None:
-        meta = {"CreationDate": None} if fmt == "pdf" else None  # no date: the same figure gives the same bytes
-        atomic_write(stem.parent / f"{stem.name}.{fmt}", lambda tmp: fig.savefig(tmp, format=fmt, metadata=meta))
-
-    with rc_context({"pdf.fonttype": 42}):  # TrueType, not Type 3, fonts in the PDF
-        write("pdf")
-        write("png")
+    with rc_context({"pdf.fonttype": 42}):  # TrueType, not Type 3, fonts in the PDF (as publishers ask)
+        for fmt, meta in (("pdf", {"CreationDate": None}), ("png", None)):  # no date: same figure, same bytes
+            atomic_write(stem.parent / f"{stem.name}.{fmt}", partial(fig.savefig, format=fmt, metadata=meta))
     return stem.parent / f"{stem.name}.png"
 
 
@@ -179,8 +171,7 @@ def fig_params(cells: dict, title: str) -> Figure | None:
     pts = {k: c for k, c in cells.items() if k[2] != "natural" and c["pgd"] and (c["trainable_params"] or [0])[0] > 0}
     if not pts:
         return None
-    fig, axes = _figure(5.5, 4.2)
-    ax = axes[0]
+    fig, (ax,) = _figure(5.5, 4.2)
     for k, c in pts.items():
         x, y = c["trainable_params"][0], 100 * c["pgd"][0]
         ax.errorbar(x, y, yerr=100 * c["pgd"][1], fmt=MARKER.get(k[1], "^"), color=_color(k[0]), capsize=2, ms=7)
@@ -224,18 +215,15 @@ def fig_transfer(points: list[tuple[str, float, float]], r: float | None) -> Fig
     """Transferred robustness vs transferred accuracy, one point per group, Pearson r in the title."""
     if not points:
         return None
-    fig, axes = _figure(5.2, 4.4)
-    ax = axes[0]
+    fig, (ax,) = _figure(5.2, 4.4)
     ax.plot([p[1] for p in points], [p[2] for p in points], "o", color="C0")
     values = [v for p in points for v in p[1:]]
     lo, hi = min(values) - 1, max(values) + 1
     ax.plot([lo, hi], [lo, hi], ls="--", color="0.6", lw=1, label="TR = TA")
     for axis in "xy":  # the same limits on both axes, so that the diagonal is at 45 degrees
         _limits(ax, axis, values, min_span=0.1, floor=None)
-    ax.set(
-        xlabel="transferred accuracy TA = clean(Linear) / clean(Full-FT)",
-        ylabel="transferred robustness TR = PGD(Linear) / PGD(Full-FT)",
-    )
+    ax.set_xlabel("transferred accuracy TA = clean(Linear) / clean(Full-FT)")
+    ax.set_ylabel("transferred robustness TR = PGD(Linear) / PGD(Full-FT)")
     rs = "n/a (needs ≥ 3 groups)" if r is None else f"{r:.3f}"
     ax.set_title(f"TR vs TA across {len(points)} group(s); Pearson r = {rs}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -248,8 +236,7 @@ def fig_sweeps(sweeps: list[tuple[str, dict]]) -> Figure | None:
     """Accuracy vs ε for every eval.json with a sweep (PGD solid, AutoAttack dashed)."""
     if not sweeps:
         return None
-    fig, axes = _figure(6, 4.2)
-    ax = axes[0]
+    fig, (ax,) = _figure(6, 4.2)
     ys = []
     for i, (label, ev) in enumerate(sweeps):
         pts = sorted(ev["sweep"], key=lambda p: p["eps"])

@@ -1,34 +1,6 @@
-"""Grid files: one YAML file -> the cartesian product of runs (``Entry``), named, validated, with RoLI probe reuse.
-
-A grid file::
-
-    base: {...}          # a run config (the schema of `advtransfer run`), or a path to one (relative to this file)
-    grid:                # axes, expanded in the order written; each is a list of values
-      source: [{_name: robust, model.checkpoint: models/a.safetensors}, ...]
-      method: [{name: linear}, {name: full, init: roli, train.lr: 1.0e-4}, "method.name=bias", ...]
-      seed: [0, 1, 2]
-    exclude: [{source: robust, method: [vpt-ranli, vpt-roli]}]   # drop entries whose axis labels match
-    cells:               # settings of the cells whose labels match (after the axes; later rules win)
-      - {when: {method: full-roli}, set: {train.lr: 2.5e-5}}
-      - {when: {method: [lora-ranli]}, per: dataset, set: {train.lr: {cifar10: 2.5e-3, cifar100: 0.0125}}}
-    reuse_probe: true    # RoLI runs use the linear run of the same cell as stage 1 (default true)
-
-An axis value is a mapping of overrides, a ``KEY=VALUE`` string (as ``--set``), a list of such strings, or
-a scalar when the axis itself names a config key (``seed: [0, 1]``, ``train.lr: [1e-3, 1e-4]``). Inside a
-mapping, a key whose first part is a field of the axis's config section is relative to it (``name`` on the
-``method`` axis is ``method.name``); any other key is a full dotted path (``train.lr``). ``_name`` sets the
-value's label. Mappings apply in axis order, then ``cells`` rules (with ``per: AXIS`` each value maps that axis's
-labels to values; a label it lacks leaves the key as it is), then ``KEY=VALUE`` strings, then ``--set``.
-
-Each entry is an ordinary run directory ``OUT/<label>__<label>__...`` (one label per axis, so adding a value
-to an axis never renames existing runs); its resolved config is written to ``OUT/_sweep/configs/``.
-
-RoLI reuse: a RoLI entry whose ``method.probe_run`` is empty (with ``reuse_probe``) or ``"{probe}"`` gets
-the grid's linear run of the same cell, chosen by the one RoLI rule (``config.probe_problems``): method
-``linear``, init ``ranli``, the RoLI entry's ``probe.objective``, the same data, model, attack, seed and validation
-attack. That linear run then trains with the RoLI entries' ``probe`` settings (its ``train`` section becomes
-their ``probe`` section: a RoLI head is always trained as a probe), and the RoLI entries depend on it (they run
-after it; a SLURM phase later). ``{out}`` in ``probe_run`` is the output root.
+"""Grid files -> named, validated runs (``Entry``): ``base`` (a run config or a path to one), ``grid`` axes (lists of
+override mappings, ``KEY=VALUE`` strings or scalars of a config-key axis), ``exclude`` and ``cells`` ({when, per, set})
+rules, ``reuse_probe``; runs are ``OUT/<label>__<label>...`` and RoLI entries reuse the linear run of their cell.
 """
 
 from __future__ import annotations
@@ -65,59 +37,48 @@ class Entry:
     deps: list[str] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- reading and expanding a grid
+def _read(p: Path, missing: str, unreadable: str) -> Any:
+    if not p.is_file():
+        raise UserError(missing)
+    try:
+        return yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{unreadable} ({type(e).__name__})") from None
 
 
 def load_grid(path: str | Path) -> dict:
+    """A grid file, checked, with its base config read when it is a path (relative to the grid file)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep: grid file not found: {p}")
-    try:
-        grid = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"sweep: {p} is not a readable YAML file ({type(e).__name__})") from None
+    grid = _read(p, f"sweep: grid file not found: {p}", f"sweep: {p} is not a readable YAML file")
     if not isinstance(grid, dict):
         raise UserError(f"sweep: {p} must hold a mapping with 'base' and 'grid'")
-    unknown = set(grid) - TOP_KEYS
-    if unknown:
+    if unknown := set(grid) - TOP_KEYS:
         raise UserError(f"sweep: unknown top-level key(s) {sorted(unknown)} in {p}; known: {sorted(TOP_KEYS)}")
-    base = grid.get("base") or {}
+    base, axes, exclude = grid.get("base") or {}, grid.get("grid") or {}, grid.get("exclude") or []
     if isinstance(base, str):
-        bp = (p.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not bp.is_file():
-            raise UserError(f"sweep: base config not found: {bp}")
-        try:
-            base = yaml.safe_load(bp.read_text()) or {}
-        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"sweep: base config {bp} is not readable YAML ({type(e).__name__})") from None
+        bp = p.parent / base  # an absolute base stays itself
+        base = _read(bp, f"sweep: base config not found: {bp}", f"sweep: base config {bp} is not readable YAML") or {}
     if not isinstance(base, dict):
         raise UserError("sweep: 'base' must be a run config mapping or a path to one")
-    axes = grid.get("grid") or {}
     if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
         raise UserError("sweep: 'grid' must map each axis name to a non-empty list of values")
-    exclude = grid.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(r, dict) for r in exclude):
         raise UserError("sweep: 'exclude' must be a list of {axis: label or [labels]} mappings")
     for rule in exclude:
         if set(rule) - set(axes):
             raise UserError(f"sweep: exclude rule {rule} names unknown axes {sorted(set(rule) - set(axes))}")
-    cells = grid.get("cells") or []
+    cells, reuse = grid.get("cells") or [], grid.get("reuse_probe", True)
     for rule in cells:
         if not isinstance(rule, dict) or set(rule) - {"when", "set", "per"} or not isinstance(rule.get("set"), dict):
             raise UserError(
-                f"sweep: a cells rule must be {{when: {{axis: labels}}, set: {{key: value}}, [per: axis]}}, got {rule!r}"
+                "sweep: a cells rule must be {when: {axis: labels}, set: {key: value}, [per: axis]}, "
+                f"got {rule!r}"
             )
         if set(rule.get("when") or {}) - set(axes) or rule.get("per", next(iter(axes), None)) not in axes:
             raise UserError(f"sweep: cells rule {rule['when']} names an unknown axis")
-    if not isinstance(grid.get("reuse_probe", True), bool):
-        raise UserError(f"sweep: 'reuse_probe' must be true or false, got {grid['reuse_probe']!r}")
-    return {
-        "base": base,
-        "grid": axes,
-        "exclude": exclude,
-        "reuse_probe": grid.get("reuse_probe", True),
-        "cells": cells,
-    }
+    if not isinstance(reuse, bool):
+        raise UserError(f"sweep: 'reuse_probe' must be true or false, got {reuse!r}")
+    return {"base": base, "grid": axes, "exclude": exclude, "reuse_probe": reuse, "cells": cells}
 
 
 def _resolve(axis: str, key: str) -> str:
@@ -129,14 +90,13 @@ def _resolve(axis: str, key: str) -> str:
 
 def _word(key: str, value: Any) -> str:
     """A short label for one override value: strings as themselves (paths by their stem), numbers with their key."""
-    leaf = key.split(".")[-1]
     if isinstance(value, dict):
         return "-".join(_word(k, v) for k, v in value.items())
     if isinstance(value, list):
         return "-".join(_word(key, v) for v in value)
     if isinstance(value, str):
         return Path(value).stem if ("/" in value or re.search(r"\.(safetensors|pth?|ya?ml)$", value)) else value
-    return f"{leaf}{str(value).lower()}"
+    return f"{key.split('.')[-1]}{str(value).lower()}"
 
 
 def _clean(label: str) -> str:
@@ -145,10 +105,9 @@ def _clean(label: str) -> str:
 
 def parse_value(axis: str, value: Any) -> tuple[dict[str, Any], list[str], str, list[str]]:
     """An axis value -> (dotted overrides, KEY=VALUE strings, label, strings an exclude rule may match)."""
-    if isinstance(value, dict):
-        value = dict(value)
-        name = value.pop("_name", None)
-        over = {_resolve(axis, str(k)): v for k, v in value.items()}
+    if isinstance(value, dict):  # "_name" sets the label; keys of the axis's section are relative to it
+        over = {_resolve(axis, str(k)): v for k, v in value.items() if k != "_name"}
+        name = value.get("_name")
         label = _clean(str(name) if name is not None else "-".join(_word(k, v) for k, v in over.items()))
         return over, [], label, [label]
     if isinstance(value, str) and "=" in value or isinstance(value, list):
@@ -156,11 +115,10 @@ def parse_value(axis: str, value: Any) -> tuple[dict[str, Any], list[str], str, 
         if not all(isinstance(s, str) and "=" in s for s in items):
             raise UserError(f"sweep: axis '{axis}': a list value must hold KEY=VALUE strings, got {value!r}")
         sets = [f"{_resolve(axis, s.split('=', 1)[0].strip())}={s.split('=', 1)[1]}" for s in items]
-        label = _clean("-".join(_word(".".join(parse_set(s)[0]), parse_set(s)[1]) for s in sets))
+        label = _clean("-".join(_word(".".join(keys), v) for keys, v in map(parse_set, sets)))
         return {}, sets, label, [label]
     if value is None or isinstance(value, (str, int, float, bool)):
-        head = axis.split(".")[0]
-        if head not in SECTIONS:
+        if axis.split(".")[0] not in SECTIONS:
             raise UserError(
                 f"sweep: axis '{axis}' is not a config key, so its values must be mappings or KEY=VALUE strings, "
                 f"got {value!r}"
@@ -170,77 +128,58 @@ def parse_value(axis: str, value: Any) -> tuple[dict[str, Any], list[str], str, 
     raise UserError(f"sweep: axis '{axis}': unsupported value {value!r}")
 
 
+def _matches(keys: dict[str, list[str]], rule: dict) -> bool:
+    """Whether each axis of ``rule`` has one of its labels (one, or a list) among an entry's ``keys``."""
+    return all(any(str(w) in keys[a] for w in (want if isinstance(want, list) else [want])) for a, want in rule.items())
+
+
 def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> list[Entry]:
     """The cartesian product of the axes minus excluded entries, validated, named, with RoLI probe reuse."""
-    out = Path(out)
-    axes = list(grid["grid"].items())
-    parsed = [[(axis, *parse_value(axis, v)) for v in values] for axis, values in axes]
+    parsed = [[(axis, *parse_value(axis, v)) for v in values] for axis, values in grid["grid"].items()]
     entries: list[Entry] = []
-    seen: set[str] = set()
     used = [0] * len(grid["exclude"])
     for combo in itertools.product(*parsed):
         labels = {axis: label for axis, _, _, label, _ in combo}
         keys = {axis: k for axis, _, _, _, k in combo}
-        hits = [all(_matches(keys[a], want) for a, want in rule.items()) for rule in grid["exclude"]]
+        hits = [_matches(keys, rule) for rule in grid["exclude"]]
         used = [u + h for u, h in zip(used, hits)]
         if any(hits):
             continue
-        name = "__".join(labels.values()) or "run"
-        tree = copy.deepcopy(grid["base"])
-        strings = []
-        for _, over, s, _, _ in combo:
-            for k, v in over.items():
-                _put(tree, k, v, name)
-            strings += s
-        for rule in grid["cells"]:
-            if all(_matches(keys[a], want) for a, want in (rule.get("when") or {}).items()):
-                for k, v in rule["set"].items():
-                    v = v.get(labels[rule["per"]], _KEEP) if rule.get("per") and isinstance(v, dict) else v
-                    if v is not _KEEP:
-                        _put(tree, k, v, name)
+        name, tree = "__".join(labels.values()) or "run", copy.deepcopy(grid["base"])
+        over = [kv for _, axis_over, _, _, _ in combo for kv in axis_over.items()]  # axes in order, then cells rules
+        for rule in (r for r in grid["cells"] if _matches(keys, r.get("when") or {})):
+            per = labels.get(rule.get("per"))  # with per, a mapping value is by that axis's label (none: no change)
+            for k, v in rule["set"].items():
+                if not (per and isinstance(v, dict)):
+                    over.append((k, v))
+                elif per in v:
+                    over.append((k, v[per]))
+        strings = [s for _, _, axis_sets, _, _ in combo for s in axis_sets]
         try:
+            for k, v in over:
+                put(tree, k.split("."), copy.deepcopy(v))
             cfg = load_config(overrides=[*strings, *sets], base=tree)
         except UserError as e:
             raise UserError(f"sweep: entry {name}: {e}") from None
-        if not cfg.name:
-            cfg = cfg.model_copy(update={"name": name})
-        if name in seen:
+        cfg = cfg if cfg.name else cfg.model_copy(update={"name": name})
+        if any(e.name == name for e in entries):
             raise UserError(f"sweep: two entries are both named {name}; give axis values distinct '_name's")
-        seen.add(name)
         entries.append(Entry(name, labels, keys, to_dict(cfg), cfg))
     for rule, u in zip(grid["exclude"], used):
         if not u:
             raise UserError(f"sweep: exclude rule {rule} matches no entry (labels are the run-name parts)")
     if not entries:
         raise UserError("sweep: the grid expands to no runs (everything excluded?)")
-    link_probes(entries, out, grid["reuse_probe"])
+    link_probes(entries, Path(out), grid["reuse_probe"])
     return entries
 
 
-_KEEP = object()
-
-
-def _put(tree: dict, key: str, value: Any, name: str) -> None:
-    try:
-        put(tree, key.split("."), copy.deepcopy(value))
-    except UserError as e:
-        raise UserError(f"sweep: entry {name}: {e}") from None
-
-
-def _matches(keys: list[str], want: Any) -> bool:
-    wants = want if isinstance(want, list) else [want]
-    return any(str(w) in keys for w in wants)
-
-
 def link_probes(entries: list[Entry], out: Path, reuse: bool) -> None:
-    """Point RoLI entries at the linear run of their cell (see the module docstring); set phases."""
+    """Point RoLI entries at the linear run of their cell, which then trains with their probe settings; set phases."""
     by_name, probe_of = {e.name: e for e in entries}, {}
-    for e in entries:
-        c = e.cfg
-        if c.method.init.value != "roli":
-            continue
-        want = c.method.probe_run
-        if want and want != "{probe}":
+    for e in (e for e in entries if e.cfg.method.init.value == "roli"):
+        c, want = e.cfg, e.cfg.method.probe_run
+        if want and want != "{probe}":  # a given run; "{out}" is the output root
             path = Path(want.replace("{out}", str(out)))
             e.tree["method"]["probe_run"], e.probe_note = str(path), f"given: {path}"
             e.probe = path.name if path.parent == out and path.name in by_name else ""
@@ -248,16 +187,11 @@ def link_probes(entries: list[Entry], out: Path, reuse: bool) -> None:
         if not want and not reuse:
             e.probe_note = "own stage 1"
             continue
-        cands = [
-            lin
-            for lin in entries
-            if lin.cfg.train.objective == c.probe.objective and not probe_problems(lin.cfg, c, check_train=False)
-        ]
+        linear = [lin for lin in entries if lin.cfg.train.objective == c.probe.objective]
+        cands = [lin for lin in linear if not probe_problems(lin.cfg, c, check_train=False)]
+        if not cands and want == "{probe}":
+            raise UserError(f"sweep: RoLI entry {e.name} asks for '{{probe}}' but the grid has no matching linear run")
         if not cands:
-            if want == "{probe}":
-                raise UserError(
-                    f"sweep: RoLI entry {e.name} asks for '{{probe}}' but the grid has no matching linear run"
-                )
             e.tree["method"]["probe_run"], e.probe_note = "", "own stage 1 (no linear run in its cell)"
             continue
         shared = [sum(lin.labels[a] == e.labels[a] for a in e.labels) for lin in cands]
@@ -273,13 +207,12 @@ def link_probes(entries: list[Entry], out: Path, reuse: bool) -> None:
         e.probe, e.probe_note = lin.name, f"reuses {lin.name}"
         e.tree["method"]["probe_run"] = str(out / lin.name)
         e.cfg = load_config(base=e.tree)
-    for name, probe in probe_of.items():  # a linear run that is RoLI's stage 1 trains with the probe settings
+    for name, probe in probe_of.items():  # a RoLI head is always trained as a probe
         lin = by_name[name]
         lin.tree["train"], lin.probe_note = copy.deepcopy(probe), "trains with the probe settings (RoLI stage 1)"
         lin.cfg = load_config(base=lin.tree)
-    for e in entries:
-        e.deps = [e.probe] if e.probe else []
     for e in entries:  # phase = 1 + dependency depth
+        e.deps = [e.probe] if e.probe else []
         seen, cur = {e.name}, e
         while cur.probe:
             if cur.probe in seen:

@@ -1,20 +1,6 @@
-"""Image-file datasets on disk: which file holds which label in which split (ImageFolder, Caltech-256, CUB-200-2011,
-Stanford Dogs).
-
-Each loader maps a ``DataConfig`` to a ``Layout``: ``({split name: [(image path, label), ...]}, class names)`` with
-splits ``train``, ``test`` and (from split files) ``val``, labels in ``[0, K)``, a deterministic (sorted) order, and
-a one-line ``UserError`` for any missing or malformed input. ``datasets.py`` turns layouts into lazily read splits.
-
-Train/test conventions (``data.split_file`` replaces them for every dataset here, see ``split_file``):
-  * CUB-200-2011, Stanford Dogs: the official splits.
-  * ImageFolder: ``root/train`` and ``root/test`` class folders.
-  * Caltech-256 has none: 60 training images per class, the rest test, ``257.clutter`` excluded (256
-    classes). This is the usual protocol (Griffin et al. 2007's largest setting) and the shape of the split
-    released with "Initialization Matters for Adversarial Transfer Learning" (57 train + 3 val per class);
-    their exact file lists can be used with a split file. Our 60 are the first by a
-    seeded SHA-256 of each file's class and name, so the split depends on neither the machine, numpy's RNG,
-    nor the other files present.
-"""
+"""Image-file datasets on disk (ImageFolder, Caltech-256, CUB-200-2011, Stanford Dogs) as ``Layout``s: ``({split:
+[(image path, label), ...]}, class names)``, labels in ``[0, K)``, sorted, a one-line ``UserError`` for bad input.
+Official splits (CUB, Dogs), ``root/{train,test}`` (ImageFolder) or Caltech's 60 per class; ``data.split_file`` wins."""
 
 from __future__ import annotations
 
@@ -32,11 +18,11 @@ from .errors import UserError
 Pairs = list[tuple[Path, int]]
 Layout = tuple[dict[str, Pairs], list[str]]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+# Caltech-256 has no official split. The usual protocol (Griffin et al. 2007; "Initialization Matters for Adversarial
+# Transfer Learning" released 57 train + 3 val): 60 training images per class, the rest test, 257.clutter excluded.
+# Ours are the first by a seeded SHA-256 of class and file name: independent of the machine, numpy and other files.
 CALTECH_TRAIN_PER_CLASS = 60
 CALTECH_SEED = "advtransfer-caltech256-v1"
-
-
-# ----------------------------------------------------------------------------- helpers (datasets.py uses them too)
 
 
 def why(e: BaseException) -> str:
@@ -55,8 +41,7 @@ def need(path: Path, name: str) -> Path:
 def root_dir(cfg: DataConfig, name: str) -> Path:
     if not cfg.root:
         raise UserError(f"data: {name} needs data.root (the folder holding the dataset)")
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
+    if not (root := Path(cfg.root).expanduser()).is_dir():
         raise UserError(f"data: {name}: root directory {root} does not exist")
     return root
 
@@ -81,16 +66,14 @@ def _strip_prefix(folder_name: str) -> str:
 
 
 def _table(path: Path, ncols: int, name: str, *, path_first: bool = False) -> list[tuple[int, list[str]]]:
-    """``(line number, fields)`` of a whitespace-separated text file; blank lines and ``#`` comments skipped.
-    The path field (first if ``path_first``, else last) may contain spaces."""
+    """``(line number, fields)`` of a text table (no blanks, ``#`` comments); the path field may hold spaces."""
     try:
         text = need(path, name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"data: {name}: cannot read {path}: {why(e)}") from None
     rows = []
     for no, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        if not (line := line.strip()) or line.startswith("#"):
             continue
         fields = line.rsplit(None, ncols - 1) if path_first else line.split(None, ncols - 1)
         if len(fields) != ncols:
@@ -106,41 +89,23 @@ def _int(text: str, path: Path, no: int, name: str) -> int:
         raise UserError(f"data: {name}: {path} line {no}: {text!r} is not an integer") from None
 
 
-# ----------------------------------------------------------------------------- ImageFolder
-
-
 def imagefolder(cfg: DataConfig) -> Layout:
-    """Images under ``cfg.root``, split by ``cfg.split_file`` or by ``root/{train,test}/<class>/`` folders.
-
-    Without a split file, the classes are the train class folders sorted by name.
-    """
+    """Images under ``cfg.root``, split by ``cfg.split_file`` or ``root/{train,test}/<class>/`` (train's classes)."""
     root = root_dir(cfg, "imagefolder")
     if cfg.split_file:
         return split_file(cfg, root, "imagefolder")
     classes = [d.name for d in _class_dirs(root / "train", "imagefolder")]
-    layout: dict[str, Pairs] = {}
-    for part in ("train", "test"):
-        layout[part] = []
+    layout: dict[str, Pairs] = {"train": [], "test": []}
+    for part, pairs in layout.items():
         for d in _class_dirs(root / part, "imagefolder"):
             if d.name not in classes:
                 raise UserError(f"data: imagefolder: {d} is a class with no folder under {root / 'train'}")
-            layout[part] += [(f, classes.index(d.name)) for f in _images_in(d, "imagefolder")]
+            pairs.extend((f, classes.index(d.name)) for f in _images_in(d, "imagefolder"))
     return layout, classes
 
 
-# ----------------------------------------------------------------------------- split files
-
-
 def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
-    """The split that ``cfg.split_file`` gives the images under ``images`` (paths in it are relative to that folder).
-
-    Three forms: a text file of ``relative/path label split`` lines (split: train, val or test); a JSON file
-    ``{"train": {path: label, ...}, "val": {...}, "test": {...}}``; a folder of VPT/FGVC-style ``train.json``,
-    ``val.json``, ``test.json`` (each ``{path: label}``). ``val`` is optional. Labels are 0..K-1 without gaps, or, as
-    the official files have them, 1..K (Stanford Dogs) or names (CUB's "001".."200"), mapped to 0..K-1 in sorted order.
-    A relative split file is looked up from the working directory, then under ``data.root``. Classes are named after
-    their images' parent folder (``001.`` / ``n0208-`` prefixes stripped) where each has its own, else by number.
-    """
+    """The split ``cfg.split_file`` (text, JSON or VPT folder, see README) gives the images under ``images``."""
     path = Path(cfg.split_file).expanduser()
     if not path.exists() and not path.is_absolute():
         path = root_dir(cfg, name) / path
@@ -173,9 +138,9 @@ def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
     if not labels:
         raise UserError(f"data: {name}: {path} lists no images")
     k = max(labels) + 1
-    gaps = sorted(set(range(k)) - labels)
-    if gaps:
+    if gaps := sorted(set(range(k)) - labels):
         raise UserError(f"data: {name}: {path}: labels must be 0..{k - 1} without gaps; {gaps[0]} has no image")
+    # classes are named after their images' parent folder where each has its own, else by number
     parents: dict[int, set[str]] = {}
     for f, y in (pair for pairs in layout.values() for pair in pairs):
         parents.setdefault(y, set()).add(_strip_prefix(f.parent.name))
@@ -186,8 +151,7 @@ def split_file(cfg: DataConfig, images: Path, name: str) -> Layout:
 
 
 def _label_index(rows: list, path: Path, name: str) -> Callable[[str, object], int]:
-    """Label -> 0..K-1: integers from 0 as they are, integers from 1 shifted, names (all strings) in sorted order
-    (numeric when every name is digits). A gap is reported later, by the caller."""
+    """Label -> 0..K-1: integers from 0 as they are, from 1 (Dogs) shifted, names (CUB's "001") in sorted order."""
     labels = {label for *_, label in rows if type(label) in (int, str)}
     names, numbers = {y for y in labels if type(y) is str}, {y for y in labels if type(y) is int and y >= 0}
     if names and numbers:
@@ -217,14 +181,8 @@ def _json_rows(entries: object, where: str, part: str, name: str) -> list[tuple[
     return [(f"{where} {rel!r}", f"in {part}", part, rel, label) for rel, label in entries.items()]
 
 
-# ----------------------------------------------------------------------------- Caltech-256
-
-
 def caltech256(cfg: DataConfig, per_class: int = CALTECH_TRAIN_PER_CLASS) -> Layout:
-    """``root/256_ObjectCategories/NNN.name/*.jpg`` (or root = that folder); 256 classes, ``257.clutter`` excluded.
-
-    ``per_class`` images of each class train (chosen by a seeded hash of the file name), the rest test.
-    """
+    """``root[/256_ObjectCategories]/NNN.name/*.jpg``: ``per_class`` images of each class train, the rest test."""
     root = root_dir(cfg, "caltech256")
     folder = root if root.name == "256_ObjectCategories" else root / "256_ObjectCategories"
     if cfg.split_file:
@@ -232,8 +190,7 @@ def caltech256(cfg: DataConfig, per_class: int = CALTECH_TRAIN_PER_CLASS) -> Lay
     dirs = [d for d in _class_dirs(folder, "caltech256") if _strip_prefix(d.name) != "clutter"]
     layout: dict[str, Pairs] = {"train": [], "test": []}
     for c, d in enumerate(dirs):
-        files = _images_in(d, "caltech256")
-        if len(files) <= per_class:
+        if len(files := _images_in(d, "caltech256")) <= per_class:
             raise UserError(
                 f"data: caltech256: class folder {d} has {len(files)} images; "
                 f"the split needs more than {per_class} ({per_class} train, the rest test)"
@@ -245,14 +202,10 @@ def caltech256(cfg: DataConfig, per_class: int = CALTECH_TRAIN_PER_CLASS) -> Lay
     return layout, [_strip_prefix(d.name) for d in dirs]
 
 
-# ----------------------------------------------------------------------------- CUB-200-2011
-
-
 def _id_table(path: Path, name: str, *, as_int: bool = False) -> dict[int, str]:
     out: dict[int, str] = {}
     for no, (id_text, value) in _table(path, 2, name):
-        i = _int(id_text, path, no, name)
-        if i in out:
+        if (i := _int(id_text, path, no, name)) in out:
             raise UserError(f"data: {name}: {path} line {no}: id {i} listed twice")
         out[i] = str(_int(value, path, no, name)) if as_int else value
     return out
@@ -260,15 +213,14 @@ def _id_table(path: Path, name: str, *, as_int: bool = False) -> dict[int, str]:
 
 def cub200(cfg: DataConfig) -> Layout:
     """Official CUB_200_2011 files and train/test split; root is its parent folder or the folder itself."""
-    name = "cub200"
-    root = root_dir(cfg, name)
+    name, root = "cub200", root_dir(cfg, "cub200")
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
     if cfg.split_file:
         return split_file(cfg, base / "images", name)
     class_table = _id_table(base / "classes.txt", name)
-    if sorted(class_table) != list(range(1, len(class_table) + 1)):
-        raise UserError(f"data: {name}: {base / 'classes.txt'} must number its classes 1..{len(class_table)}")
-    classes = [_strip_prefix(class_table[i]) for i in range(1, len(class_table) + 1)]
+    k = len(class_table)
+    if sorted(class_table) != list(range(1, k + 1)):
+        raise UserError(f"data: {name}: {base / 'classes.txt'} must number its classes 1..{k}")
     paths = _id_table(base / "images.txt", name)
     labels = _id_table(base / "image_class_labels.txt", name, as_int=True)
     is_train = _id_table(base / "train_test_split.txt", name, as_int=True)
@@ -277,16 +229,12 @@ def cub200(cfg: DataConfig) -> Layout:
         for table, fname in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
             if i not in table:
                 raise UserError(f"data: {name}: image id {i} of images.txt is missing from {base / fname}")
-        y = int(labels[i])
-        if not 1 <= y <= len(classes):
-            raise UserError(f"data: {name}: image id {i}: label {y} out of range 1..{len(classes)}")
+        if not 1 <= (y := int(labels[i])) <= k:
+            raise UserError(f"data: {name}: image id {i}: label {y} out of range 1..{k}")
         if is_train[i] not in splits:
             raise UserError(f"data: {name}: image id {i}: is_training_image must be 0 or 1, got {is_train[i]}")
         splits[is_train[i]].append((need(base / "images" / paths[i], name), y - 1))
-    return {"train": splits["1"], "test": splits["0"]}, classes
-
-
-# ----------------------------------------------------------------------------- Stanford Dogs
+    return {"train": splits["1"], "test": splits["0"]}, [_strip_prefix(class_table[i]) for i in range(1, k + 1)]
 
 
 def _read_mat_list(path: Path, name: str) -> tuple[list[str], np.ndarray]:
@@ -307,10 +255,8 @@ def _read_mat_list(path: Path, name: str) -> tuple[list[str], np.ndarray]:
 
 
 def stanford_dogs(cfg: DataConfig) -> Layout:
-    """``root/Images/<wnid-breed>/*.jpg`` with the official ``train_list.mat`` / ``test_list.mat`` (1-based labels)
-    in root or ``root/lists``. Class ``k`` is named after the folder of its images."""
-    name = "stanford-dogs"
-    root = root_dir(cfg, name)
+    """``root/Images/<wnid-breed>/*.jpg``, official ``{train,test}_list.mat`` (1-based) in root or ``root/lists``."""
+    name, root = "stanford-dogs", root_dir(cfg, "stanford-dogs")
     images = need(root / "Images", name)
     if cfg.split_file:
         return split_file(cfg, images, name)
@@ -328,11 +274,10 @@ def stanford_dogs(cfg: DataConfig) -> Layout:
     k = len(folder_of)
     if sorted(folder_of) != list(range(1, k + 1)):
         raise UserError(f"data: {name}: labels must be 1..{k} without gaps, got {min(folder_of)}..{max(folder_of)}")
-    classes = [_strip_prefix(Path(folder_of[y]).name) for y in range(1, k + 1)]
     layout = {
         p: [(need(images / f, name), y - 1) for f, y in sorted(zip(fs, ys.tolist()))] for p, (fs, ys) in parts.items()
     }
-    return layout, classes
+    return layout, [_strip_prefix(Path(folder_of[y]).name) for y in range(1, k + 1)]  # named after its images' folder
 
 
 LAYOUTS = {"imagefolder": imagefolder, "caltech256": caltech256, "cub200": cub200, "stanford-dogs": stanford_dogs}

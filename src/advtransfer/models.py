@@ -1,16 +1,9 @@
-"""A timm backbone behind its own preprocessing: ``Classifier``, ``ModelSpec`` (what rebuilds it), ``build``.
-
-``Classifier`` takes ``[0,1]`` images at their native resolution; its first layers repeat grey channels
-if the backbone wants RGB, resize to the backbone's input size and normalise with the weights' own
-mean/std. So an attack's ε is always in pixel units of the data, never of a normalised or resized copy.
-The mean/std belong to the weights: a checkpoint's metadata or normaliser, a named preprocessing the config
-declares for its source (``PREPROCESS``: an ARES checkpoint was trained with ImageNet's), else timm's own for the
-backbone. Checkpoint files are read and written in ``checkpoints.py``.
-"""
-
-from __future__ import annotations
+"""A timm backbone behind its own preprocessing: ``Classifier`` takes ``[0,1]`` images at their native resolution
+(so an attack's ε is in pixel units of the data), repeats grey channels, resizes and normalises with the weights'
+mean/std; ``ModelSpec`` is what rebuilds it, ``build`` builds it."""
 
 import math
+import shutil
 
 import timm
 import torch
@@ -21,8 +14,6 @@ from torch import nn
 
 from .errors import UserError
 
-META_KEY = "advtransfer"
-
 
 class Classifier(nn.Module):
     """``[0,1]`` images -> logits: channel repeat, resize, normalise, then an unmodified timm model."""
@@ -32,8 +23,7 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.input_size = tuple(input_size)
-        self.in_chans = in_chans
+        self.input_size, self.in_chans = tuple(input_size), in_chans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_chans:
@@ -46,10 +36,9 @@ class Classifier(nn.Module):
 
     def freeze(self) -> None:
         """Every parameter frozen but the head's (what linear probing trains; other methods add theirs)."""
+        head = set(self.head.parameters())
         for p in self.parameters():
-            p.requires_grad_(False)
-        for p in self.head.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(p in head)
 
     @property
     def head(self) -> nn.Module:
@@ -67,14 +56,10 @@ class Classifier(nn.Module):
 
 
 class PatchConv(nn.Conv2d):
-    """A patchify convolution (kernel == stride, no padding) computed on CPU as one matrix product.
+    """A patchify conv (kernel == stride, no padding) run on CPU as one matrix product: same parameters and outputs.
 
-    Same parameters, state-dict keys and outputs (up to summation order) as the ``nn.Conv2d`` it replaces;
-    ``patchify_as_matmul`` swaps the class in place. Every attack step needs the input gradient of the
-    image stem, and oneDNN's backward-data for a few-channel patchify conv is slow: forward + input gradient
-    as a matrix product is about 7x faster for the mini-ViT stem, 2-3x for ViT-Tiny/16 and ViT-B/16 at 224 px
-    (``benchmarks/patch_stem.py``). On other devices the convolution runs unchanged.
-    """
+    oneDNN's input gradient for a few-channel patchify conv is slow, and every attack step needs it: as a matmul it
+    is 2-7x faster (``benchmarks/patch_stem.py``). On other devices the convolution runs unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -87,11 +72,7 @@ class PatchConv(nn.Conv2d):
 
 
 def patchify_as_matmul(model: nn.Module, enable: bool = True) -> int:
-    """Turn every image-stem patchify conv (kernel == stride > 1, no padding, dilation or groups, at most 4
-    input channels) into a ``PatchConv`` (``enable=False``: back to ``nn.Conv2d``); returns how many.
-
-    Only few-channel stems gain: a ConvNeXt-style 2x2 downsampling of 96 channels is faster as a conv.
-    """
+    """Make every patchify conv of <= 4 input channels (only stems gain) a ``PatchConv``, or undo; returns how many."""
     n = 0
     for m in model.modules():
         if enable and type(m) is nn.Conv2d and m.kernel_size == m.stride and min(m.stride) > 1:
@@ -138,10 +119,9 @@ class ModelSpec(BaseModel):
     @field_validator("mean", "std")
     @classmethod
     def _finite(cls, v: list[float], info) -> list[float]:
-        if any(not math.isfinite(x) or (info.field_name == "std" and x <= 0) for x in v):
-            raise ValueError(
-                f"{info.field_name} must be finite{' and > 0' if info.field_name == 'std' else ''}, got {v}"
-            )
+        is_std = info.field_name == "std"
+        if any(not math.isfinite(x) or (is_std and x <= 0) for x in v):
+            raise ValueError(f"{info.field_name} must be finite{' and > 0' if is_std else ''}, got {v}")
         return v
 
     @field_validator("method")
@@ -152,7 +132,7 @@ class ModelSpec(BaseModel):
         return v
 
     @classmethod
-    def parse(cls, text: str, where: str) -> ModelSpec:
+    def parse(cls, text: str, where: str) -> "ModelSpec":
         """A spec from its JSON; a malformed field is a one-line ``UserError`` naming it."""
         try:
             return cls.model_validate_json(text)
@@ -177,26 +157,19 @@ def create_backbone(name: str, kwargs: dict, num_classes: int, pretrained: bool 
         raise
 
 
-def default_input_size(backbone: nn.Module) -> list[int]:
-    pe = getattr(backbone, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        return list(pe.img_size)
-    return list(backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-2:])
-
-
 def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
-    """Build the ``Classifier`` a spec describes, with a fresh head of ``spec.num_classes`` outputs."""
+    """Build the ``Classifier`` a spec describes (filling in timm's mean/std and input size if it has none)."""
     backbone = create_backbone(spec.backbone, spec.kwargs, spec.num_classes, pretrained)
-    in_chans = int(spec.kwargs.get("in_chans", 3))
+    in_chans, cfg = int(spec.kwargs.get("in_chans", 3)), backbone.pretrained_cfg
     if not spec.mean:
-        cfg_mean = list(backbone.pretrained_cfg.get("mean", (0.5,) * in_chans))
-        cfg_std = list(backbone.pretrained_cfg.get("std", (0.5,) * in_chans))
+        cfg_mean, cfg_std = list(cfg.get("mean", (0.5,) * in_chans)), list(cfg.get("std", (0.5,) * in_chans))
         spec.mean, spec.std = (cfg_mean, cfg_std) if len(cfg_mean) == in_chans else ([0.5] * in_chans, [0.5] * in_chans)
     if len(spec.mean) != in_chans or len(spec.std) != in_chans:
         raise UserError(
             f"model: mean/std need {in_chans} values for {in_chans}-channel input, got {spec.mean}/{spec.std}"
         )
-    spec.input_size = list(spec.input_size or default_input_size(backbone))
+    stem_size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+    spec.input_size = list(spec.input_size or stem_size or cfg.get("input_size", (3, 224, 224))[-2:])
     spec.in_chans = in_chans
     patchify_as_matmul(backbone)
     if is_convnet(backbone):  # oneDNN's convolutions are faster on channels-last weights (docs/performance.md)
@@ -205,10 +178,7 @@ def build(spec: ModelSpec, pretrained: bool = False) -> Classifier:
 
 
 def compiled(net: nn.Module) -> nn.Module:
-    """``torch.compile(net)`` sharing its parameters (state-dict keys of ``net`` unchanged). On CPU inductor needs a
-    C++ compiler, so its absence is a clear error up front. Attack (eval, frozen) and training step compile apart."""
-    import shutil
-
+    """``torch.compile(net)`` sharing its parameters; on CPU inductor needs a C++ compiler, so say so up front."""
     on_cpu = next(net.parameters()).device.type == "cpu"
     if on_cpu and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise UserError("train.compile: torch.compile on CPU needs a C++ compiler (g++); install one or set it false")

@@ -1,11 +1,7 @@
 """One run: config -> data -> model (+ method) -> train stage(s) -> streamed test evaluation -> result card.
 
-A RanLI run is one stage. A RoLI run is two, in ``stage1/`` (the adversarial linear probe, trained with the
-``probe`` settings, or a finished linear run reused through ``method.probe_run``) and ``stage2/`` (the finetune, its
-head loaded from the probe's best checkpoint, validated before training as epoch 0); the top-level ``result.json``
-is the final stage's. A run directory holds ``config.yaml`` (resolved), ``env.json`` (git SHA, versions),
-``metrics.jsonl``/``metrics.csv``/``tensorboard/`` per stage, ``best.safetensors``, ``state.safetensors`` (resume),
-``result.json``, ``masks.safetensors`` (per-example robustness) and ``log.txt``.
+RanLI is one stage; RoLI is two, ``stage1/`` (the adversarial linear probe, or a finished linear run reused through
+``method.probe_run``) and ``stage2/`` (the finetune from the probe's head); ``result.json`` is the final stage's.
 """
 
 from __future__ import annotations
@@ -47,8 +43,7 @@ from .weightfiles import load_backbone_weights, read_spec, read_state
 
 
 def source_spec(cfg: RunConfig, splits: Splits) -> tuple[ModelSpec, str]:
-    """The model a run starts from, and where its mean/std come from: explicit > named preprocessing > the
-    checkpoint's metadata > timm's default for the backbone (filled in by ``build``)."""
+    """The model a run starts from, and its mean/std's origin: explicit > preset > checkpoint > timm's default."""
     m = cfg.model
     ckpt = Path(m.checkpoint) if m.checkpoint else None
     if ckpt is not None and not ckpt.is_file():
@@ -65,26 +60,12 @@ def source_spec(cfg: RunConfig, splits: Splits) -> tuple[ModelSpec, str]:
             mean, std, origin = src.mean, src.std, f"the metadata of {ckpt.name}"
     if not backbone:
         raise UserError("config: model.backbone is empty and no advtransfer checkpoint names one")
-    trained = {
-        "dataset": cfg.data.name,
-        "objective": cfg.train.objective.value,
-        "eps": str(cfg.attack.eps),
-        "norm": cfg.attack.norm.value,
-        "epochs": cfg.train.epochs,
-        "seed": cfg.seed,
-        "source": m.checkpoint or ("timm-pretrained" if m.pretrained else "scratch"),
-    }
-    spec = ModelSpec(
-        backbone,
-        kwargs,
-        splits.num_classes,
-        mean=mean,
-        std=std,
-        classes=splits.classes,
-        input_size=[m.input_size] * 2 if m.input_size else [],
-        trained=trained,
-        method={"name": cfg.method.name, "options": dict(cfg.method.options)},
-    )
+    a, source = cfg.attack, m.checkpoint or ("timm-pretrained" if m.pretrained else "scratch")
+    trained = dict(dataset=cfg.data.name, objective=cfg.train.objective.value, eps=str(a.eps), norm=a.norm.value)
+    trained.update(epochs=cfg.train.epochs, seed=cfg.seed, source=source)
+    more = dict(classes=splits.classes, input_size=[m.input_size] * 2 if m.input_size else [], trained=trained)
+    method = {"name": cfg.method.name, "options": dict(cfg.method.options)}
+    spec = ModelSpec(backbone, kwargs, splits.num_classes, mean=mean, std=std, method=method, **more)
     return spec, origin if mean else f"timm's default for {backbone}"
 
 
@@ -107,13 +88,7 @@ def make_model(cfg: RunConfig, spec: ModelSpec, seed: int, log=None) -> Classifi
 
 
 def run_stage(
-    cfg: RunConfig,
-    splits: Splits,
-    spec: ModelSpec,
-    stage_dir: Path,
-    section: str,
-    rd: RunDir,
-    head_from: Path | None = None,
+    cfg: RunConfig, splits: Splits, spec: ModelSpec, path: Path, section: str, rd: RunDir, head_from: Path | None = None
 ) -> tuple[Classifier, dict]:
     """Train one stage with the ``section`` settings ("train" or "probe"); return its best model and progress."""
     model = make_model(cfg, spec, cfg.seed, rd.log)
@@ -123,23 +98,11 @@ def run_stage(
     compact = cfg.model.checkpoint and spec.method["name"] != "full"
     if compact:  # the backbone never changes: keep what trains, and a pointer to the source
         spec = spec.model_copy(update={"trained": {**spec.trained, **source_of(Path(cfg.model.checkpoint))}})
-    tracker = Tracker(stage_dir, cfg, rd.resuming)
-    stage = Stage(
-        stage_dir,
-        spec,
-        getattr(cfg, section),
-        Threat.of(cfg.attack),
-        Threat.of(cfg.attack, cfg.eval.val_pgd_steps),
-        cfg.seed,
-        cfg.eval.batch_size,
-        section,
-        worker_count(cfg.data),
-        validate_init=head_from is not None,
-        log=rd.log,
-        log_every=cfg.track.log_every,
-        track=tracker.log,
-        save_only=compact_keys(model) if compact else None,
-    )
+    tracker = Tracker(path, cfg, rd.resuming)
+    threats = Threat.of(cfg.attack), Threat.of(cfg.attack, cfg.eval.val_pgd_steps)
+    opts = dict(workers=worker_count(cfg.data), validate_init=head_from is not None, log=rd.log, track=tracker.log)
+    opts.update(log_every=cfg.track.log_every, save_only=compact_keys(model) if compact else None)
+    stage = Stage(path, spec, getattr(cfg, section), *threats, cfg.seed, cfg.eval.batch_size, section, **opts)
     try:
         progress = fit(model, splits.train, splits.val, stage, resume=rd.resuming)
     finally:
@@ -150,20 +113,17 @@ def run_stage(
 
 
 def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, rd: RunDir) -> Path:
-    """RoLI stage 1: the adversarial linear probe trained with ``cfg.probe`` (or a finished linear run that fits
-    this run's probe settings, ``probe_problems``); returns its best checkpoint."""
+    """RoLI stage 1: train the adversarial linear probe (or reuse a fitting finished run); return its best weights."""
     if cfg.method.probe_run:
         probe = Path(cfg.method.probe_run)
-        path = probe / "best.safetensors"
-        if not path.is_file() or not (probe / "config.yaml").is_file():
+        if not (probe / "best.safetensors").is_file() or not (probe / "config.yaml").is_file():
             raise UserError(
                 f"config: method.probe_run {probe} holds no best.safetensors and config.yaml of a finished run"
             )
-        problems = probe_problems(load_config(probe / "config.yaml"), cfg)
-        if problems:
+        if problems := probe_problems(load_config(probe / "config.yaml"), cfg):
             raise UserError(f"config: method.probe_run {probe} does not fit this run: " + "; ".join(problems))
         rd.log(f"RoLI: reusing the linear probe of {probe}")
-        return path
+        return probe / "best.safetensors"
     s1 = out / "stage1"
     if not (s1 / RESULT).exists():
         lin = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "linear", "options": {}})})
@@ -177,44 +137,25 @@ def probe_head(cfg: RunConfig, splits: Splits, spec: ModelSpec, out: Path, rd: R
 def test_eval(
     model: Classifier, splits: Splits, cfg: RunConfig, out: Path, autoattack: bool, log: Callable[[str], None] = print
 ) -> dict:
-    """Clean + PGD on the test split (PGD only on clean-correct examples), AutoAttack on its first
-    ``n_autoattack`` examples; streamed, sharded over ranks; masks saved. ``log`` gets the progress. A signal stops
-    it with the training state and AutoAttack's finished batches saved."""
-    e, dev = cfg.eval, next(model.parameters()).device
+    """Clean, PGD and (``autoattack``) AutoAttack on the test split, streamed and sharded; saves the masks."""
+    e, dev, n = cfg.eval, next(model.parameters()).device, len(splits.test)
     net = compiled(model) if cfg.train.compile else model  # the same weights, evaluation compiled too
-    aa = f", AutoAttack ({e.aa_version}) on {min(e.n_autoattack or len(splits.test), len(splits.test))}"
-    log(f"{out.name} test: clean + PGD-{e.pgd_steps} on {len(splits.test)} examples" + (aa if autoattack else ""))
-    with StopRequest() as stop:
+    aa = f", AutoAttack ({e.aa_version}) on {min(e.n_autoattack or n, n)}"
+    log(f"{out.name} test: clean + PGD-{e.pgd_steps} on {n} examples" + (aa if autoattack else ""))
+    batches = split_batches(splits.test, e.batch_size, dev, worker_count(cfg.data))
+    attacks = ("clean", "pgd", "autoattack") if autoattack else ("clean", "pgd")
+    aa_args = dict(aa_version=e.aa_version, aa_attacks=e.aa_attacks, aa_state=out / "autoattack_state.json")
+    kw = dict(attacks=attacks, restarts=e.pgd_restarts, seed=cfg.seed, n_autoattack=e.n_autoattack, log=log)
+    with StopRequest() as stop:  # a signal stops it with AutoAttack's finished batches saved
         try:
-            res = evaluate_batches(
-                net,
-                split_batches(splits.test, e.batch_size, dev, worker_count(cfg.data)),
-                len(splits.test),
-                Threat.of(cfg.attack, e.pgd_steps),
-                attacks=("clean", "pgd", "autoattack") if autoattack else ("clean", "pgd"),
-                restarts=e.pgd_restarts,
-                seed=cfg.seed,
-                aa_version=e.aa_version,
-                aa_attacks=e.aa_attacks,
-                aa_state=out / "autoattack_state.json",
-                n_autoattack=e.n_autoattack,
-                num_classes=splits.num_classes,
-                stop=stop,
-                log=log,
-            )
+            threat = Threat.of(cfg.attack, e.pgd_steps)
+            res = evaluate_batches(net, batches, n, threat, num_classes=splits.num_classes, stop=stop, **aa_args, **kw)
         except Interrupted as why:
             raise Interrupted(f"{why}; state saved in {out}") from None
     masks = {k: v.to(torch.uint8) for k, v in res["masks"].items()}
     atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
-    card = {
-        "clean_acc": res["clean"],
-        "pgd_acc": res["pgd"],
-        "autoattack_acc": res.get("autoattack"),
-        "n_eval": res["n"],
-        "pgd_settings": res["pgd_settings"],
-        "flags": res["flags"],
-        "notes": [],
-    }
+    card = {"clean_acc": res["clean"], "pgd_acc": res["pgd"], "autoattack_acc": res.get("autoattack")}
+    card.update(n_eval=res["n"], pgd_settings=res["pgd_settings"], flags=res["flags"], notes=[])
     if autoattack:
         card.update(n_autoattack=res["n_autoattack"], autoattack_settings=res["autoattack_settings"])
     else:
@@ -223,54 +164,21 @@ def test_eval(
 
 
 def result_card(cfg: RunConfig, spec: ModelSpec, model: Classifier, progress: dict, res: dict) -> dict:
-    best = progress["best"]
-    return {
-        "name": cfg.name,
-        "method": spec.method["name"],
-        "method_options": spec.method["options"],
-        "init": cfg.method.init.value,
-        "backbone": spec.backbone,
-        "source": spec.trained["source"],
-        "dataset": cfg.data.name + ("" if cfg.data.variant == "none" else f" ({cfg.data.variant})"),
-        "seed": cfg.seed,
-        "eps": str(cfg.attack.eps),
-        "eps_value": float(cfg.attack.eps),
-        "norm": cfg.attack.norm.value,
-        "objective": cfg.train.objective.value,
-        "mean": spec.mean,
-        "std": spec.std,
-        **res,
-        "best_epoch": best["epoch"],
-        "val_clean": best["val_clean"],
-        "val_pgd": best["val_pgd"],
-        "trainable_params": count(model),
-        "total_params": count(model, only_trainable=False),
-        "train_attack": {
-            "steps": cfg.attack.steps,
-            "step_size": Threat.of(cfg.attack).alpha,
-            "iterate": cfg.attack.iterate,
-        },
-        "train_seconds": progress["seconds"],
-    }
-
-
-def device_setup(cfg: RunConfig) -> dict:
-    """TF32 for fp32 matmuls and convolutions on Ampere+ GPUs (``train.tf32``); what was used goes in the card."""
-    if not torch.cuda.is_available():
-        return {"device": "cpu"}
-    tf32 = cfg.train.tf32 and torch.cuda.get_device_capability()[0] >= 8
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    return {"device": torch.cuda.get_device_name(), "tf32": tf32}
+    """The run's result card: what ran, the test results ``res``, the best validation epoch and the training time."""
+    best, a, variant = progress["best"], cfg.attack, "" if cfg.data.variant == "none" else f" ({cfg.data.variant})"
+    card = {"name": cfg.name, "method": spec.method["name"], "method_options": spec.method["options"]}
+    card.update(init=cfg.method.init.value, backbone=spec.backbone, source=spec.trained["source"])
+    card.update(dataset=cfg.data.name + variant, seed=cfg.seed, eps=str(a.eps), eps_value=float(a.eps))
+    card.update(norm=a.norm.value, objective=cfg.train.objective.value, mean=spec.mean, std=spec.std)
+    card.update(res, best_epoch=best["epoch"], val_clean=best["val_clean"], val_pgd=best["val_pgd"])
+    card.update(trainable_params=count(model), total_params=count(model, only_trainable=False))
+    card["train_attack"] = {"steps": a.steps, "step_size": Threat.of(a).alpha, "iterate": a.iterate}
+    card["train_seconds"] = progress["seconds"]
+    return card
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Execute a run into ``out``; return its result card (also written to ``out/result.json``).
-
-    ``resume`` continues an interrupted run bit-identically (finished stages and AutoAttack batches are not
-    redone); ``overwrite`` replaces a finished one, which stays intact until the new run has finished. A fresh run
-    that fails on bad input before it saved any training state leaves nothing behind; any other failed run keeps
-    its checkpoints and log (so it can be resumed), never a result.json.
-    """
+    """Run ``cfg`` into ``out``; return its result card (``resume``: bit-identically; ``overwrite``: a finished run)."""
     if cfg.method.init == Init.ROLI and cfg.method.name == "linear":
         raise UserError(
             "config: init 'roli' needs a finetuning method other than 'linear' (RoLI's stage 1 is the probe)"
@@ -287,9 +195,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
     rd = rd or RunDir.follower(resuming > 0)  # other torchrun ranks follow rank 0's decision and write nothing
     ok, discard, keep = False, False, False
     try:
-        card = _run(cfg, out, rd)
-        ok = True
-        return card
+        card, ok = _run(cfg, out, rd), True
     except UserError:
         # bad input found before any training was saved: leave nothing behind. Once a state exists the directory
         # stays (no result.json), so a run that met e.g. a bad image late can be fixed and resumed.
@@ -300,6 +206,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = Fa
         raise
     finally:
         rd.release(ok, discard=discard, keep=keep)
+    return card
 
 
 def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
@@ -310,9 +217,8 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
         env = record_resume(out / "env.json", env, rd.log)
     write_json(out / "env.json", env)
     splits = load_splits(cfg.data, seed=cfg.seed)
-    rd.log(
-        f"data {cfg.data.name}: train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}, {splits.num_classes} classes"
-    )
+    sizes = f"train {len(splits.train)} val {len(splits.val)} test {len(splits.test)}"
+    rd.log(f"data {cfg.data.name}: {sizes}, {splits.num_classes} classes")
     for note in splits.notes:
         rd.log(note)
     if len(splits.val) == 0:
@@ -320,7 +226,11 @@ def _run(cfg: RunConfig, out: Path, rd: RunDir) -> dict:
     spec, origin = source_spec(cfg, splits)
     rd.log(f"preprocessing: mean {[round(v, 4) for v in spec.mean]} std {[round(v, 4) for v in spec.std]} ({origin})")
     check_channels(spec, splits.train.channels)
-    hardware = device_setup(cfg)
+    hardware = {"device": "cpu"}
+    if torch.cuda.is_available():  # TF32 for fp32 matmuls and convolutions on Ampere+ GPUs (``train.tf32``)
+        tf32 = cfg.train.tf32 and torch.cuda.get_device_capability()[0] >= 8
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        hardware = {"device": torch.cuda.get_device_name(), "tf32": tf32}
     head_from = probe_head(cfg, splits, spec, out, rd) if cfg.method.init == Init.ROLI else None
     final = out / "stage2" if head_from is not None else out
     model, progress = run_stage(cfg, splits, spec, final, "train", rd, head_from)

@@ -1,10 +1,6 @@
-"""Reports from run directories: result cards -> groups and cells with mean ± std, TA/TR, sources of robustness.
-
-Runs are grouped by (source checkpoint, dataset, norm, ε) and, inside a group, into cells by (method, init,
-objective); a cell's numbers are the mean ± sample standard deviation over its runs (seeds). The definitions of
-every derived quantity are in ``docs/metrics.md``. ``document.write_report`` turns them into the report files
-(``document.py``; figures: ``figures.py``). This module reads JSON only: it loads neither torch nor matplotlib.
-"""
+"""Reports from run directories: result cards grouped by (source, dataset, norm, ε) into cells by (method, init,
+objective), each with mean ± sample std over its seeds, TA/TR and sources of robustness (``docs/metrics.md``).
+Reads JSON only (no torch, no matplotlib); ``document.write_report`` writes the files, ``figures.py`` draws."""
 
 from __future__ import annotations
 
@@ -20,6 +16,9 @@ INITS = ["ranli", "roli"]
 OBJECTIVES = ["at", "trades", "natural"]
 ADVERSARIAL = "at"  # the objective of the Linear / Full-FT runs that TA and TR compare (the paper's PGD-AT)
 Stat = tuple[float, float, int]  # (mean, sample std, number of values)
+STATS = {"clean": "clean_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc"}  # cell key: result-card key
+STATS |= {k: k for k in ("trainable_params", "total_params")}
+GROUP = (("source", "unknown"), ("dataset", "?"), ("norm", "Linf"), ("eps", "?"))  # result-card key, default
 
 
 def fmt_pct(v: float | None) -> str:
@@ -48,9 +47,6 @@ def results_table(cards: list[dict]) -> str:
     return md_table(head, rows, "llrrrrrl")
 
 
-# ----------------------------------------------------------------------------- collecting runs
-
-
 def find_results(dirs: list[Path]) -> list[tuple[Path, dict]]:
     """Top-level result cards under ``dirs`` (a RoLI run's stage folders are part of their run)."""
     found = []
@@ -58,9 +54,8 @@ def find_results(dirs: list[Path]) -> list[tuple[Path, dict]]:
         if not Path(d).exists():
             raise UserError(f"report: no such directory: {d}")
         for p in sorted(Path(d).rglob("result.json")):
-            if p.parent.name in ("stage1", "stage2") and (p.parent.parent / "result.json").exists():
-                continue
-            if ".replaced" in p.parts:  # the old run a killed --overwrite keeps aside
+            stage = p.parent.name in ("stage1", "stage2") and (p.parent.parent / "result.json").exists()
+            if stage or ".replaced" in p.parts:  # .replaced: the old run a killed --overwrite keeps aside
                 continue
             try:
                 card = json.loads(p.read_text())
@@ -92,18 +87,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def find_sweeps(dirs: list[Path]) -> list[tuple[Path, dict]]:
     """``eval.json`` files holding an ε sweep."""
     found = []
-    for d in dirs:
-        for p in sorted(Path(d).rglob("eval.json")):
-            try:
-                ev = json.loads(p.read_text())
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(ev, dict) and ev.get("sweep"):
-                found.append((p.parent, ev))
+    for p in (p for d in dirs for p in sorted(Path(d).rglob("eval.json"))):
+        try:
+            ev = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(ev, dict) and ev.get("sweep"):
+            found.append((p.parent, ev))
     return found
-
-
-# ----------------------------------------------------------------------------- aggregation
 
 
 def mean_std(values: list) -> Stat | None:
@@ -129,16 +120,8 @@ def fmt_stat(stat: Stat | None, n_total: int) -> str:
     return s + (f" [{n}/{n_total}]" if n != n_total else "")
 
 
-def group_key(card: dict) -> tuple[str, str, str, str]:
-    """(source checkpoint, dataset, norm, ε): runs with different threat models are never compared."""
-    return tuple(
-        str(card.get(k, d)) for k, d in (("source", "unknown"), ("dataset", "?"), ("norm", "Linf"), ("eps", "?"))
-    )
-
-
 def cell_key(card: dict) -> tuple[str, str, str]:
-    """(method, init, objective); a method run with options is its own cell, e.g. ``lora(rank=4)``, so
-    different ranks or tuners are never averaged together."""
+    """(method, init, objective); a method run with options is its own cell (``lora(rank=4)``), never averaged."""
     method, opts = str(card.get("method", "?")), card.get("method_options") or {}
     if opts:
         method += "(" + ",".join(f"{k}={opts[k]}" for k in sorted(opts)) + ")"
@@ -162,43 +145,29 @@ def cell_label(key: tuple[str, str, str]) -> str:
     return f"{m}/{i}" + ("" if o == ADVERSARIAL else f" [{o}]")
 
 
-STATS = {"clean": "clean_acc", "pgd": "pgd_acc", "autoattack": "autoattack_acc"}  # cell key: result-card key
-STATS |= {k: k for k in ("trainable_params", "total_params")}
-
-
 def aggregate(runs: list[tuple[Path, dict]]) -> dict:
-    """{group key: {cell key: cell}}; a cell holds its runs, seeds and mean/std of every accuracy."""
+    """{(source, dataset, norm, ε): {cell key: cell}}; a cell holds its runs, seeds, notes and mean/std of each stat."""
     groups: dict = defaultdict(lambda: defaultdict(list))
-    for path, card in runs:
-        groups[group_key(card)][cell_key(card)].append((path, card))
+    for path, card in runs:  # runs with different sources or threat models are never compared
+        groups[tuple(str(card.get(k, d)) for k, d in GROUP)][cell_key(card)].append((path, card))
     out: dict = {g: {} for g in sorted(groups)}
     for g, cells in out.items():
         for k in sorted(groups[g], key=_order):
             cards = [c for _, c in groups[g][k]]
-            cells[k] = {"runs": groups[g][k], "n": len(cards), "seeds": [c.get("seed") for c in cards]}
+            seeds, n_eval, notes = [c.get("seed") for c in cards], {c.get("n_eval") for c in cards}, []
+            if dup := sorted({s for s in seeds if seeds.count(s) > 1}, key=str):
+                notes.append(f"seed(s) {dup} appear more than once (identical settings averaged as if independent)")
+            if len(n_eval) > 1:
+                notes.append(f"runs were tested on different numbers of examples {sorted(n_eval, key=str)}")
+            cells[k] = {"runs": groups[g][k], "n": len(cards), "seeds": seeds}
             cells[k].update({m: mean_std([c.get(f) for c in cards]) for m, f in STATS.items()})
-            cells[k].update(n_flags=sum(len(c.get("flags") or []) for c in cards), notes=_cell_notes(cards))
+            cells[k].update(n_flags=sum(len(c.get("flags") or []) for c in cards), notes=notes)
     return out
 
 
-def _cell_notes(cards: list[dict]) -> list[str]:
-    notes = []
-    seeds = [c.get("seed") for c in cards]
-    dup = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
-    if dup:
-        notes.append(f"seed(s) {dup} appear more than once (identical settings averaged as if independent)")
-    n_eval = {c.get("n_eval") for c in cards}
-    if len(n_eval) > 1:
-        notes.append(f"runs were tested on different numbers of examples {sorted(n_eval, key=str)}")
-    return notes
-
-
 def transfer_metrics(cells: dict) -> dict:
-    """TA = clean(Linear)/clean(Full-FT), TR = robust(Linear)/robust(Full-FT) (docs/metrics.md).
-
-    Linear = (linear, ranli, at), Full-FT = (full, ranli, at); each accuracy is the mean over seeds.
-    A value is None when a run is missing or the Full-FT denominator is 0.
-    """
+    """TA = clean(Linear)/clean(Full-FT), TR = robust(Linear)/robust(Full-FT), each accuracy the mean over seeds;
+    Linear = (linear, ranli, at), Full-FT = (full, ranli, at); None when a run is missing or a denominator 0."""
     lin, full = cells.get(("linear", "ranli", ADVERSARIAL)), cells.get(("full", "ranli", ADVERSARIAL))
 
     def ratio(metric: str) -> float | None:

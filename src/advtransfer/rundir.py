@@ -1,11 +1,10 @@
 """Run directories: atomic writes, JSON/JSONL, the run lock, fresh / resume / overwrite, signals, the environment.
-
-Standard library only (no torch): ``advtransfer report`` and ``sweep`` write files through this module without
-loading torch. Under torchrun only rank 0 writes (``RANK`` from the environment).
+Standard library only (``report`` and ``sweep`` write through it without torch); under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -33,22 +32,8 @@ except ImportError:  # Windows has no flock: runs there are not locked
 
 RESULT, LOCK, REPLACED = "result.json", ".lock", ".replaced"
 # what a run writes; --overwrite moves exactly these aside (never other files a user keeps beside them)
-ARTIFACTS = {
-    RESULT,
-    "config.yaml",
-    "env.json",
-    "metrics.jsonl",
-    "metrics.csv",
-    "tensorboard",
-    "best.safetensors",
-    "state.safetensors",
-    "masks.safetensors",
-    "autoattack_state.json",
-    "log.txt",
-    "stage1",
-    "stage2",
-    "wandb",
-}
+ARTIFACTS = {RESULT, "config.yaml", "env.json", "metrics.jsonl", "metrics.csv", "tensorboard", "log.txt", "wandb"}
+ARTIFACTS |= {"best.safetensors", "state.safetensors", "masks.safetensors", "autoattack_state.json", "stage1", "stage2"}
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) ...
 os.umask(_UMASK)  # ... and put it back
 
@@ -58,12 +43,7 @@ def is_main() -> bool:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any], all_ranks: bool = False) -> None:
-    """Write via ``write(tmp_path)`` into a temporary file beside ``path``, fsync, then rename over it.
-
-    ``path`` holds either its old content or the new one, never a part; the file gets the mode ``open()`` would give
-    it (umask applied). A full disk (``ENOSPC``, also as safetensors reports it) is ``OSError(ENOSPC)`` naming
-    ``path``. Under torchrun only rank 0 writes (unless ``all_ranks``).
-    """
+    """``write(tmp)`` beside ``path``, fsync, rename over it: ``path`` holds old or new content, never a part."""
     if not (all_ranks or is_main()):
         return
     path = Path(path)
@@ -78,7 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any], all_ranks: bool 
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):
+        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):  # (safetensors' wording)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
 
@@ -128,14 +108,7 @@ def environment() -> dict:
 
 
 class RunDir:
-    """A run directory, locked (``flock`` on ``.lock``) while in use; a second run into it is refused.
-
-    Decides how the run starts: fresh (new or empty directory), resumed (``resume`` and an equal ``config.yaml``), or
-    replacing a finished run (``overwrite``). Overwriting moves the old run's files into ``.replaced/`` and only
-    deletes them once the new run has finished (``release``); if the new run fails they are put back, and if it is
-    killed or interrupted they stay in ``.replaced/`` until a later run finishes. A refused run changes nothing. The
-    kernel drops the lock when its process dies; every other ending releases it.
-    """
+    """A run directory, locked (``flock``) while in use: fresh, resumed, or overwriting (old run in ``.replaced/``)."""
 
     def __init__(self, path: str | Path, config: dict, *, resume: bool = False, overwrite: bool = False) -> None:
         if resume and overwrite:
@@ -174,7 +147,13 @@ class RunDir:
         if overwrite:
             if others and not saved.exists():
                 raise UserError(f"run: {self.path} is not a run directory (no config.yaml); refusing to overwrite it")
-            self._set_aside()
+            aside = self.path / REPLACED
+            if aside.exists():  # a killed overwrite's copy there is older: what is here is its partial run
+                self._remove(self._own())
+            else:
+                aside.mkdir()
+                for p in self._own():
+                    p.rename(aside / p.name)
             return False
         if resume and saved.exists():
             try:
@@ -196,16 +175,6 @@ class RunDir:
             self._remove(self._own())
         return False
 
-    def _set_aside(self) -> None:
-        """Move the old run into ``.replaced/`` (an earlier, unfinished overwrite's copy there is kept: it is older)."""
-        aside = self.path / REPLACED
-        if aside.exists():
-            self._remove(self._own())  # what is here is a killed overwrite's partial run
-            return
-        aside.mkdir()
-        for p in self._own():
-            p.rename(aside / p.name)
-
     @staticmethod
     def _remove(paths: list[Path]) -> None:
         for p in paths:
@@ -224,20 +193,16 @@ class RunDir:
                 os.close(fd)
                 who = f"process {holder}" if holder else "another process"
                 raise UserError(f"run: {self.path} is in use by {who} (a run holds its lock)") from None
-            try:  # a holder that released between our open and flock unlinked the file we hold: retry
+            with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                     break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+            os.close(fd)  # a holder that released between our open and flock unlinked the file we hold: retry
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
 
     def release(self, ok: bool, discard: bool = False, keep: bool = False) -> None:
-        """Unlock. ``ok``: the run finished, so a replaced old run is deleted. A failed run that was replacing one is
-        removed and the old run put back, unless ``keep`` (interrupted: both stay, ``--resume`` continues). ``discard``:
-        remove what this (fresh, failed) run wrote, and the directory if this run created it."""
+        """Unlock; a replaced run is deleted if ``ok``, else put back unless ``keep``; ``discard``: remove our files."""
         if self.path is None:  # a follower
             return
         aside = self.path / REPLACED
@@ -254,10 +219,8 @@ class RunDir:
         finally:
             self._unlock()
             if discard and self.created:
-                try:
+                with contextlib.suppress(OSError):
                     self.path.rmdir()  # only if empty: never removes anything it did not create
-                except OSError:
-                    pass
 
     def _unlock(self) -> None:
         if self._fd is not None:
@@ -283,8 +246,7 @@ def first_difference(a: Any, b: Any, where: str = "") -> str:
 
 
 def record_resume(path: Path, now: dict, log: Callable[[str], None]) -> dict:
-    """The run's first environment stays in ``env.json``; each resume appends its own under ``resumes``, and a
-    resume under different library versions or code says so in the log."""
+    """``env.json`` keeps the first environment and appends each resume's; changed versions or code are logged."""
     try:
         first = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -297,9 +259,7 @@ def record_resume(path: Path, now: dict, log: Callable[[str], None]) -> dict:
 
 
 class StopRequest:
-    """Defers SIGINT/SIGTERM to the next safe point (an optimiser step, an evaluation batch or attack), so a saved
-    state is never half-updated. A second signal raises ``KeyboardInterrupt`` at once (force quit). Outside the main
-    thread signals cannot be caught and this does nothing."""
+    """Defers SIGINT/SIGTERM to the next safe point (no half-updated saved state); a second one force-quits."""
 
     def __init__(self) -> None:
         self.requested, self._old = False, {}

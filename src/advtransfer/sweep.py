@@ -20,8 +20,6 @@ from .errors import UserError
 from .grid import Entry, expand, load_grid
 from .rundir import RESULT
 
-# ----------------------------------------------------------------------------- running
-
 
 def status(e: Entry, out: Path) -> str:
     d = out / e.name
@@ -41,6 +39,11 @@ def dry_run_json(entries: list[Entry]) -> str:
     return "\n".join(json.dumps({"run": e.name, "phase": e.phase, "deps": e.deps, **e.tree}) for e in entries)
 
 
+def _missing(entries: list[Entry]) -> list[str]:
+    """The source checkpoints that are not files here."""
+    return sorted({c for e in entries if (c := e.cfg.model.checkpoint) and not Path(c).is_file()})
+
+
 def dry_run_table(entries: list[Entry], out: Path) -> str:
     n_done = sum(status(e, out) == "done" for e in entries)
     lines = [
@@ -50,27 +53,16 @@ def dry_run_table(entries: list[Entry], out: Path) -> str:
     ]
     for i, e in enumerate(entries, 1):
         c = e.cfg
-        mi = f"{c.method.name}/{c.method.init.value}" + (
-            "" if c.train.objective.value == "at" else f"[{c.train.objective.value}]"
-        )
+        objective = "" if c.train.objective.value == "at" else f"[{c.train.objective.value}]"
+        mi = f"{c.method.name}/{c.method.init.value}{objective}"
         lines.append(f"{i:>4} {e.phase:>2} {status(e, out):<6}  {e.name:<60} {mi:<22} {c.seed:>4}  {e.probe_note}")
-    missing = sorted(
-        {
-            e.cfg.model.checkpoint
-            for e in entries
-            if e.cfg.model.checkpoint and not Path(e.cfg.model.checkpoint).is_file()
-        }
-    )
-    if missing:
+    if missing := _missing(entries):
         lines.append(f"note: checkpoint(s) not found here: {', '.join(missing)}")
     return "\n".join(lines)
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def subprocess_launcher(out: Path, threads: int) -> Callable[[Entry], subprocess.Popen]:
@@ -81,17 +73,8 @@ def subprocess_launcher(out: Path, threads: int) -> Callable[[Entry], subprocess
 
     def launch(e: Entry) -> subprocess.Popen:
         d = out / e.name
-        cmd = [
-            sys.executable,
-            "-m",
-            "advtransfer",
-            "run",
-            str(out / "_sweep" / "configs" / f"{e.name}.yaml"),
-            "--out",
-            str(d),
-        ]
-        if (d / "config.yaml").exists():
-            cmd.append("--resume")
+        cmd = [sys.executable, "-m", "advtransfer", "run", str(out / "_sweep" / "configs" / f"{e.name}.yaml")]
+        cmd += ["--out", str(d), *(["--resume"] if (d / "config.yaml").exists() else [])]
         with open(logs / f"{e.name}.log", "a") as log:
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
@@ -108,11 +91,7 @@ def execute(
     log: Callable[[str], None] = print,
     poll: float = 0.5,
 ) -> dict[str, str]:
-    """Run unfinished entries with at most ``workers`` at a time, each after the run it reuses; return statuses.
-
-    Status per run: ``done`` (finished before), ``ok``, ``failed (exit N)`` or ``blocked (...)`` (its probe run
-    failed). ``launch(entry)`` returns an object with ``poll()`` (None while running) like ``subprocess.Popen``.
-    """
+    """Run unfinished entries, ``workers`` at a time, each after its probe: {name: done|ok|failed (.)|blocked (.)}."""
     if workers < 1:
         raise UserError(f"sweep: --workers must be >= 1, got {workers}")
     write_configs(entries, out)
@@ -137,15 +116,13 @@ def execute(
                     running[e.name] = (launch(e), time.time())
                     log(f"[sweep {time.time() - t0:6.0f}s] start  {e.name}")
             for name, (proc, started) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
+                if (rc := proc.poll()) is None:
                     continue
                 del running[name]
                 ok = rc == 0 and (out / name / RESULT).exists()
                 result[name] = "ok" if ok else f"failed (exit {rc}; log: {out / '_sweep' / 'logs' / (name + '.log')})"
-                log(
-                    f"[sweep {time.time() - t0:6.0f}s] {'done  ' if ok else 'FAILED'} {name} ({time.time() - started:.0f}s)"
-                )
+                verdict = "done  " if ok else "FAILED"
+                log(f"[sweep {time.time() - t0:6.0f}s] {verdict} {name} ({time.time() - started:.0f}s)")
             if running or pending:
                 time.sleep(poll)
     except KeyboardInterrupt:
@@ -160,9 +137,6 @@ def execute(
                     proc.kill()
         raise
     return result
-
-
-# ----------------------------------------------------------------------------- SLURM
 
 
 SLURM = """#!/bin/bash
@@ -250,18 +224,10 @@ def run_sweep(
         return {e.name: status(e, out) for e in entries}
     if slurm:
         path = write_slurm(entries, out, Path(slurm).resolve(), str(grid_path))
-        log(
-            f"wrote {path} ({len(entries)} runs in {max(e.phase for e in entries)} phase(s)); submit: bash {path} submit"
-        )
+        phases = max(e.phase for e in entries)
+        log(f"wrote {path} ({len(entries)} runs in {phases} phase(s)); submit: bash {path} submit")
         return {e.name: status(e, out) for e in entries}
-    missing = sorted(
-        {
-            e.cfg.model.checkpoint
-            for e in entries
-            if e.cfg.model.checkpoint and not Path(e.cfg.model.checkpoint).is_file()
-        }
-    )
-    if missing:
+    if missing := _missing(entries):
         raise UserError(f"sweep: checkpoint(s) not found: {', '.join(missing[:5])}")
     log(f"[sweep] {len(entries)} runs under {out}, {workers} worker(s), OMP_NUM_THREADS={max(1, cores() // workers)}")
     result = execute(entries, out, workers, launch=launch, log=log)

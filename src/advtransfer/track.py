@@ -1,6 +1,7 @@
-"""Experiment tracking of a stage's per-epoch records: ``metrics.csv`` and TensorBoard event files in every run
-directory, and Weights & Biases when asked (``track.wandb: true``; set ``WANDB_MODE=offline`` to log without an
-account or network). ``metrics.jsonl`` stays the record the run resumes from; these are views of it."""
+"""A stage's per-epoch records as ``metrics.csv``, TensorBoard events and (``track.wandb``) Weights & Biases.
+
+``metrics.jsonl`` stays the record a run resumes from; these are views of it (``WANDB_MODE=offline`` needs no account).
+"""
 
 from __future__ import annotations
 
@@ -24,19 +25,15 @@ class Tracker:
                 import wandb
             except ImportError:
                 raise UserError("track.wandb: the wandb package is not installed (pip install wandb)") from None
+            name, project = cfg.name or self.dir.name, cfg.track.wandb_project
             self.wandb = wandb.init(
-                project=cfg.track.wandb_project,
-                dir=str(self.dir),
-                config=to_dict(cfg),
-                name=cfg.name or self.dir.name,
-                reinit="create_new",
+                project=project, dir=str(self.dir), config=to_dict(cfg), name=name, reinit="create_new"
             )
 
     def log(self, record: dict) -> None:
         if not self.on:
             return
-        rows = read_jsonl(self.dir / "metrics.jsonl")
-        out = io.StringIO()
+        rows, out = read_jsonl(self.dir / "metrics.jsonl"), io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

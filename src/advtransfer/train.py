@@ -1,9 +1,7 @@
-"""Adversarial training as plain engine functions: optimiser by rule, warmup + cosine, one step, one epoch, one stage.
+"""Adversarial training as plain engine functions: optimiser, warmup + cosine, one step, one epoch, one stage.
 
-Objective (Madry PGD-AT): ``min_θ̂ E max_{‖δ‖≤ε} CE(f(x+δ), y)``; TRADES, natural and fast AT (FGSM-RS, N-FGSM)
-too, a PGD-step curriculum and a catastrophic-overfitting guard. A stage trains what its method marks trainable,
-validates after each epoch (RoLI's stage 2 also before the first), keeps the best checkpoint by validation robust
-accuracy (natural training: clean) and a resumable state. The hot loop syncs with the device only at checks.
+PGD-AT (Madry), TRADES, natural and fast AT (FGSM-RS, N-FGSM), a PGD-step curriculum and a catastrophic-overfitting
+guard; the best checkpoint by validation accuracy and a resumable state. The hot loop syncs only at checks.
 """
 
 from __future__ import annotations
@@ -41,13 +39,12 @@ def _stop_agreed(stop: StopRequest) -> bool:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay by rule (``train.decay_on``) on trainable parameters ("matrices" spares timm's ``no_weight_decay``
-    tokens and VPT prompts); AdamW is fused on CUDA."""
+    """SGD or AdamW (fused on CUDA) over the trainable parameters, weight decay by rule (``train.decay_on``)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     spare = getattr(getattr(model, "backbone", None), "no_weight_decay", set)()
     if cfg.decay_on == "non-bias":
         decay = {n for n, _ in named if "bias" not in n}
-    else:
+    else:  # "matrices": spares timm's ``no_weight_decay`` tokens and VPT prompts
         decay = {n for n, p in named if p.ndim >= 2 and n.removeprefix("backbone.") not in spare and "prompt" not in n}
     groups = [
         {"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
@@ -60,10 +57,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
-    """Linear warmup for ``warmup_epochs`` then cosine decay to 0. Per optimiser step, or with ``schedule_per_epoch``
-    constant within an epoch (the paper's code: epoch 0 then runs at a learning rate of 0). A ``LambdaLR`` stepped
-    every optimiser step either way, so resume state is one integer (timm's schedulers need their own protocol)."""
+    """Linear warmup then cosine decay to 0, per optimiser step or (``schedule_per_epoch``) constant in an epoch."""
 
+    # the paper's per-epoch schedule runs epoch 0 at a learning rate of 0; a LambdaLR keeps the resume state one integer
     def factor(step: int) -> float:
         if cfg.schedule_per_epoch:
             t, warm, total = step // steps_per_epoch, int(cfg.warmup_epochs), cfg.epochs
@@ -79,13 +75,12 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 
 
 def train_mode(model: torch.nn.Module) -> None:
-    """``model.train()``, except frozen sub-modules (no BatchNorm updates, no dropped features in a frozen backbone)
-    and, unless every parameter trains, drop paths (stochastic depth acts in Full-FT only, as in the official code)."""
+    """``model.train()`` except frozen sub-modules, and drop paths unless every parameter trains (Full-FT only)."""
     model.train()
     has, trains, frozen = _frozen(model)
     if has and not trains:
         model.eval()
-    elif frozen:
+    elif frozen:  # stochastic depth acts in Full-FT only, as in the official code
         for m in filter(lambda m: isinstance(m, DropPath), model.modules()):
             m.eval()
 
@@ -117,9 +112,8 @@ def adversarial(model, x, y, threat: Threat, cfg: TrainConfig, start: torch.Tens
 
 
 def train_step(model, opt, x, y, threat: Threat, cfg: TrainConfig, ddp=None, start=None):
-    """One optimiser step over ``cfg.accum_steps`` micro-batches (gradients of the whole batch's mean); returns (loss
-    sum, correct) as device tensors. Attacks are crafted on ``model``, the training pass goes through ``ddp`` (the
-    wrapper averaging gradients across ranks) when given; ``start``: PGD's initial perturbation for the batch."""
+    """One optimiser step over ``cfg.accum_steps`` micro-batches; returns (loss sum, correct) as device tensors."""
+    # attacks are crafted on ``model``; training goes through ``ddp`` when given; ``start``: PGD's initial perturbation
     opt.zero_grad(set_to_none=True)
     loss_sum, correct, net = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.long), ddp or model
     parts = torch.arange(len(x), device=x.device).chunk(cfg.accum_steps)
@@ -147,8 +141,7 @@ def train_step(model, opt, x, y, threat: Threat, cfg: TrainConfig, ddp=None, sta
 
 
 def co_collapse(history: list[dict]) -> str:
-    """Catastrophic overfitting (Wong et al. 2020) in per-epoch records: the last ``val_pgd`` is below half the best
-    before it while ``train_acc`` (on the training attack's examples) rose. Returns what happened, or ``""``."""
+    """Catastrophic overfitting (Wong et al. 2020): last ``val_pgd`` under half its best while ``train_acc`` rose."""
     *before, last = history
     acc, best = [r["train_acc"] for r in history if "train_acc" in r], max((r["val_pgd"] for r in before), default=0)
     if "train_acc" in last and len(acc) > 1 and acc[-1] > acc[-2] and last["val_pgd"] < best / 2:
@@ -180,18 +173,17 @@ class Stage:
     state_path = property(lambda self: self.dir / "state.safetensors")
 
     def threat_at(self, epoch: int) -> Threat:
-        """The training attack in ``epoch`` (0-based): with ``pgd_curriculum`` its PGD steps rise linearly (floor)
-        from 1 in the first epoch to ``threat.steps`` in the last (all of them when there is one epoch)."""
+        """The training attack in ``epoch``: with ``pgd_curriculum`` PGD steps rise linearly from 1 to ``steps``."""
         n, k = self.cfg.epochs, self.threat.steps
         ramp = self.cfg.pgd_curriculum and n > 1
         return replace(self.threat, steps=1 + (k - 1) * epoch // (n - 1)) if ramp else self.threat
 
 
 def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, workers: int = 0, seed: int = 0) -> dict:
-    """Clean and PGD accuracy on a split (fp32, eval mode), streamed, sharded across ranks, PGD on the clean-correct
-    examples only; its starts come from ``seed`` in a forked RNG (the training RNG, equal on every rank, stays)."""
+    """Clean and PGD accuracy on a split (fp32, eval mode), sharded over ranks, PGD on clean-correct examples only."""
     lo, hi = D.shard_bounds(len(split))
     dev, clean, rob = next(model.parameters()).device, [], []
+    # PGD's starts come from ``seed`` in a forked RNG, so the training RNG (equal on every rank) stays
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         for xb, yb in batches(split, batch_size, order=torch.arange(lo, hi), workers=workers):
@@ -204,8 +196,7 @@ def validate(model: Classifier, split: Split, threat: Threat, batch_size: int, w
 
 
 def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: Stage, progress: dict, stop) -> None:
-    """One pass over the shuffled training split from ``progress["step"]`` on; updates ``progress`` in place.
-    Checks for a non-finite loss and for a stop signal every ``CHECK_EVERY`` steps (and saves the state then)."""
+    """One pass over the shuffled split from ``progress["step"]`` on, checking loss and stop signal at checks."""
     cfg, dev = stage.cfg, next(runner.parameters()).device
     steps = math.ceil(len(train) / cfg.batch_size)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(stage.seed * 100_003 + epoch))
@@ -231,22 +222,16 @@ def train_one_epoch(runner, ddp, opt, sched, train: Split, epoch: int, stage: St
             _check_finite(bad, epoch, stage, progress)
         if saving:
             _accumulate(progress, sums)
-            _save(stage, runner_model(runner), opt, sched, progress)
+            _save(stage, getattr(runner, "_orig_mod", runner), opt, sched, progress)  # the model behind torch.compile
         if stopping:
             raise Interrupted(f"interrupted; state saved in {stage.state_path}")
         if time.time() - t_log > stage.log_every:
             t_log, where = time.time(), f"{stage.dir.name} epoch {epoch + 1} step {progress['step']}/{steps}"
             rate = (progress["step"] - first) * cfg.batch_size / (t_log - t0)
-            stage.log(
-                f"{where}: {rate:.1f} img/s, ETA {(steps - progress['step']) * cfg.batch_size / max(rate, 1e-9):.0f} s"
-            )
+            eta = (steps - progress["step"]) * cfg.batch_size / max(rate, 1e-9)
+            stage.log(f"{where}: {rate:.1f} img/s, ETA {eta:.0f} s")
     _check_finite(bad, epoch, stage, progress)
     _accumulate(progress, sums)
-
-
-def runner_model(runner: torch.nn.Module) -> torch.nn.Module:
-    """The module behind a ``torch.compile`` wrapper (whose state-dict keys carry a prefix)."""
-    return getattr(runner, "_orig_mod", runner)
 
 
 def _accumulate(progress: dict, sums: torch.Tensor) -> None:
@@ -262,8 +247,7 @@ def _save(stage: Stage, model, opt, sched, progress: dict) -> None:
 
 
 def _check_finite(bad: torch.Tensor, epoch: int, stage: Stage, progress: dict) -> None:
-    step = int(bad)
-    if step < 0:
+    if (step := int(bad)) < 0:
         return
     kept = f"last good state kept in {stage.state_path}" if stage.state_path.exists() else "no checkpoint was saved yet"
     hint = f"try a smaller {stage.section}.lr"
@@ -274,10 +258,7 @@ def _check_finite(bad: torch.Tensor, epoch: int, stage: Stage, progress: dict) -
 
 
 def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool = False) -> dict:
-    """Train one stage; return its progress (``best``: the best validation record, ``seconds``: training time).
-    Writes metrics.jsonl and the best/state checkpoints. With ``resume`` the stage continues from ``state.safetensors``
-    bit-identically (a finished or guard-stopped stage only returns its progress). SIGINT/SIGTERM stop at the next
-    check with the state saved (``Interrupted``)."""
+    """Train one stage (resumable bit-identically from its state); return its progress (``best``, ``seconds``)."""
     stage.dir.mkdir(parents=True, exist_ok=True)
     cfg, metrics = stage.cfg, stage.dir / "metrics.jsonl"
     opt = make_optimizer(model, cfg)
@@ -301,19 +282,19 @@ def fit(model: Classifier, train: Split, val: Split, stage: Stage, resume: bool 
     if cfg.compile:
         stage.log("torch.compile on; the first attack and training steps compile the model")
     ddp = D.ddp(model, stage.log, compile_it=cfg.compile)
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # SIGINT/SIGTERM stop at the next check with the state saved
         if stage.validate_init and progress["best"] is None:
             _epoch_end(model, val, stage, progress, {"epoch": -1, "lr": 0.0}, metrics, opt, sched)
         for epoch in range(progress["epoch"], cfg.epochs):
             t0 = time.time()
             train_one_epoch(runner, ddp, opt, sched, train, epoch, stage, progress, stop)
-            seen, lr, sec = max(1, progress["seen"]), sched.get_last_lr()[0], round(time.time() - t0, 2)
+            seen = max(1, progress["seen"])
             record = {
                 "epoch": epoch,
                 "train_loss": progress["loss_sum"] / seen,
                 "train_acc": progress["correct"] / seen,
             }
-            record.update(lr=lr, seconds=sec)
+            record.update(lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 2))
             progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, correct=0, seen=0)
             _epoch_end(model, val, stage, progress, record, metrics, opt, sched)
             if _stop_agreed(stop):

@@ -1,14 +1,5 @@
-"""Reading any weights file safely and fitting it onto a timm model: ours, bare safetensors, or ``torch.save`` pickles
-(timm ``CheckpointSaver`` ``.pth.tar``, ARES 2.0, RobustBench), loaded only by ``torch.load(weights_only=True)``.
-
-Any global a pickle names that torch does not allow (timm's ``args`` Namespace) becomes an inert stand-in holding its
-pickled state as data; a pickle that would *call* one (the only way a pickle runs code) is refused. Wrappers are
-peeled (containers, DDP ``module.``, a ``Sequential(normaliser, model)`` whose mean/std are kept), non-persistent
-buffers dropped, and timm's ``checkpoint_filter_fn`` maps old layouts when the keys do not fit as they are; every key,
-shape and kind of dtype is checked, and what was done comes back as short notes for the log.
-"""
-
-from __future__ import annotations
+"""Reading any weights file safely (ours, bare safetensors, ``torch.save`` pickles through ``weights_only=True`` with
+inert stand-ins for unknown globals) and fitting it onto a timm model, every key, shape and kind of dtype checked."""
 
 import pickle
 import re
@@ -32,20 +23,16 @@ CONTAINERS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "mode
 PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")  # DDP, torch.compile, common wrappers
 
 
-# ----------------------------------------------------------------------------- reading files
-
-
 class _Call(Exception):
     """A pickle tried to call a global that torch does not allow."""
 
 
 class Inert:
-    """Stand-in for a global a pickle names (e.g. ``argparse.Namespace``): an object restored from it keeps its
-    pickled state as plain data and runs none of the original's code; a call to it is refused."""
+    """Stand-in for a global a pickle names (``argparse.Namespace``): keeps its pickled state as data, runs no code."""
 
     name = ""  # the global's full name
 
-    def __new__(cls, *args: Any) -> Inert:
+    def __new__(cls, *args: Any) -> "Inert":
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,7 +81,7 @@ def _names(keys: list[str], limit: int = 5) -> str:
 
 
 def _tensors(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensor dict inside containers (timm ``{'state_dict', 'state_dict_ema', 'args', ...}``, ``{'model': ...}``)."""
+    """The tensor dict inside containers (``{'state_dict', 'state_dict_ema', 'args', ...}``, ``{'model': ...}``)."""
     notes = []
     while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         key = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
@@ -201,42 +188,26 @@ def read_source(path: Path) -> Source:
         src.state = {k[len(prefix) :]: v for k, v in src.state.items()}
 
 
-# ----------------------------------------------------------------------------- fitting a model
-
-
 def check_keys(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], path: Path, skip: set[str]) -> None:
     """Raise ``UserError`` naming missing, unexpected and shape-mismatched keys (``skip`` is exempt); an integer tensor
     where a float weight belongs (or the reverse) is refused, never silently cast."""
     missing = [k for k in target if k not in source and k not in skip]
     unexpected = [k for k in source if k not in target and k not in skip]
-    shapes = [
-        f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}"
-        for k in target
-        if k in source and k not in skip and source[k].shape != target[k].shape
-    ]
+    both = [(k, source[k], target[k]) for k in target if k in source and k not in skip]
+    shapes = [f"{k} {tuple(s.shape)} vs {tuple(t.shape)}" for k, s, t in both if s.shape != t.shape]
     kinds = [
-        f"{k} is {source[k].dtype}, expected {target[k].dtype}"
-        for k in target
-        if k in source and k not in skip and source[k].is_floating_point() != target[k].is_floating_point()
+        f"{k} is {s.dtype}, expected {t.dtype}" for k, s, t in both if s.is_floating_point() != t.is_floating_point()
     ]
-    groups = (
-        ("missing keys", missing, 5),
-        ("unexpected keys", unexpected, 5),
-        ("shape mismatch", shapes, 3),
-        ("dtype mismatch", kinds, 3),
-    )
+    groups = (("missing keys", missing, 5), ("unexpected keys", unexpected, 5))
+    groups += (("shape mismatch", shapes, 3), ("dtype mismatch", kinds, 3))
     found = [f"{what}: {_names(keys, n)}" for what, keys, n in groups if keys]
     if found:
         raise UserError(f"checkpoint: {path} does not fit the model — " + "; ".join(found))
 
 
 def fit_state(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path, head: str) -> tuple[dict, list[str]]:
-    """Map ``state`` onto ``backbone``'s keys and check every key and shape (keys under the prefix ``head`` exempt).
-
-    Non-persistent buffers (Swin's ``relative_position_index``, ``attn_mask``) are dropped; if the keys still do not
-    fit, timm's ``checkpoint_filter_fn`` for the architecture is tried (old Swin layouts, OpenAI-CLIP / DINOv2 ViTs),
-    unless it would resample a tensor to another size (a different input size is reported, not interpolated).
-    """
+    """Map ``state`` onto ``backbone``'s keys and check them (``head`` keys exempt): non-persistent buffers dropped,
+    then timm's ``checkpoint_filter_fn`` if they do not fit, unless it would resample a tensor (reported instead)."""
     target, notes = backbone.state_dict(), []
     buffers = dict(backbone.named_buffers())
     volatile = [k for k in state if k in buffers and k not in target]
@@ -272,11 +243,7 @@ def fit_state(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path, h
 
 
 def load_backbone_weights(model: Classifier, path: Path) -> list[str]:
-    """Load a source file into ``model.backbone`` except the classifier head (it belongs to the target task).
-
-    Returns:
-        Notes on what was mapped (wrappers stripped, buffers dropped, timm's filter), for the log.
-    """
+    """Load a source file into ``model.backbone`` except the head (it belongs to the target task); notes for the log."""
     src = read_source(path)
     head = model.head_name + "."
     state, notes = fit_state(model.backbone, src.state, Path(path), head)
@@ -285,16 +252,8 @@ def load_backbone_weights(model: Classifier, path: Path) -> list[str]:
 
 
 def load_foreign(path: Path, spec: ModelSpec) -> tuple[Classifier, ModelSpec, list[str]]:
-    """A whole classifier (head included) from a file without our metadata, e.g. an ARES or RobustBench model.
-
-    Args:
-        path: the weights file.
-        spec: the architecture (``backbone``, ``kwargs``); ``num_classes`` 0 takes the file's head size; ``mean`` and
-            ``std`` are needed only if the file has no normaliser, and must agree with it if it has.
-
-    Returns:
-        The model in eval mode, the completed spec and the notes on what was mapped.
-    """
+    """(eval-mode model, completed spec, notes) from a file without our metadata (ARES, RobustBench). ``num_classes`` 0:
+    the file's head size; ``mean``/``std`` are needed only without a normaliser in the file, and must agree with one."""
     path, src = Path(path), read_source(path)
     if src.mean is None and not spec.mean:
         hint = "give them (eval: --mean/--std; ARES models use ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225)"

@@ -1,31 +1,7 @@
-"""Finetuning methods as module surgery on one unmodified timm model.
-
-Each method is a function ``fn(model, **options)`` that changes ``model`` (a ``Classifier``) in place and
-sets ``requires_grad`` on exactly the parameters it trains; the classifier head always trains. Frozen
-parameters have ``requires_grad=False`` so autograd never does work for them.
-
-| method  | trains (besides the head)                                   | identity at init |
-|---------|-------------------------------------------------------------|------------------|
-| linear  | nothing                                                     | yes              |
-| full    | everything                                                  | yes              |
-| bias    | every bias term                                             | yes              |
-| lora    | LoRA factors (peft) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2   | yes (B = 0)      |
-| peft    | a peft tuner (``tuner`` option, see below)                  | yes (see below)  |
-| adapter | bottleneck residual after each block's MLP (up = 0)         | yes              |
-| vpt     | prompt tokens in attention (ViT, Swin), shallow or deep     | no: prompts join attention |
-
-VPT cannot be the identity at init: its prompt tokens take part in every softmax attention. Its
-tests check instead that with zero prompts the model is unchanged, and where prompts go (``vpt``).
-
-Where methods apply: every method works on timm ViTs and Swins; on ConvNeXt all but ``vpt`` (needs a
-``VisionTransformer`` or ``SwinTransformer``); on ResNets ``linear``, ``full``, ``bias``, ``lora`` and the
-conv-capable tuners (targets ``conv1/conv2/conv3``), not ``adapter`` (no MLP) nor ``vpt``. Where a method does
-not apply it raises ``UserError``.
-
-The peft tuners, the adapter and VPT live in ``peft_tuners.py``, ``adapters.py`` and ``prompts.py`` beside this file.
-"""
-
-from __future__ import annotations
+"""Finetuning methods as module surgery on one unmodified timm model: ``fn(model, **options)`` changes a ``Classifier``
+in place and sets ``requires_grad`` on exactly what it trains (the head always trains). Every method but ``vpt`` is
+the identity at init; where a method does not apply (``vpt`` off ViT/Swin, ``adapter`` without MLPs) it is a
+``UserError``. The peft tuners, the adapter and VPT live in ``peft_tuners.py``, ``adapters.py`` and ``prompts.py``."""
 
 import inspect
 from collections.abc import Callable
@@ -60,27 +36,20 @@ def bias(model: Classifier, contains: bool = False) -> None:
             p.requires_grad_(True)
 
 
-METHODS: dict[str, Callable[..., None]] = {
-    "linear": linear,
-    "full": full,
-    "bias": bias,
-    "lora": lora,
-    "peft": peft_tuner,
-    "adapter": adapter,
-    "vpt": vpt,
-}
+METHODS: dict[str, Callable[..., None]] = dict(
+    linear=linear, full=full, bias=bias, lora=lora, peft=peft_tuner, adapter=adapter, vpt=vpt
+)
 
 
 def apply_method(model: Classifier, name: str, options: dict | None = None) -> Classifier:
     """Apply method ``name`` with ``options`` to ``model`` in place; unknown names/options are ``UserError``."""
     if name not in METHODS:
         raise UserError(f"method: unknown method {name!r}; known: {', '.join(METHODS)}")
-    fn = METHODS[name]
     try:
-        inspect.signature(fn).bind(model, **(options or {}))
+        inspect.signature(METHODS[name]).bind(model, **(options or {}))
     except TypeError as e:
         raise UserError(f"method: bad options for {name}: {e}") from None
-    fn(model, **(options or {}))
+    METHODS[name](model, **(options or {}))
     return model
 
 
@@ -93,9 +62,10 @@ def count(model: nn.Module, only_trainable: bool = True) -> int:
 
 
 def method_table(backbone: str, kwargs: dict, num_classes: int, options: dict | None = None) -> str:
-    """Markdown table of each method's (and each peft tuner's) trainable parameters on ``backbone``. ``options`` are
-    method options given to every method that takes them (e.g. ``rank`` for lora, ``num_prompts`` for vpt)."""
-    unknown = set(options or {}) - {k for fn in METHODS.values() for k in inspect.signature(fn).parameters}
+    """Markdown table of each method's (and each peft tuner's) trainable parameters on ``backbone``; ``options`` go to
+    every method that takes them (e.g. ``rank`` for lora, ``num_prompts`` for vpt)."""
+    takes = {name: inspect.signature(fn).parameters for name, fn in METHODS.items()}
+    unknown = set(options or {}) - {k for params in takes.values() for k in params}
     if unknown:
         raise UserError(f"methods: no method takes the option(s) {sorted(unknown)}")
     rows = [(name, name, {}) for name in METHODS if name != "peft"]
@@ -109,8 +79,7 @@ def method_table(backbone: str, kwargs: dict, num_classes: int, options: dict | 
         "|---|---:|---:|",
     ]
     for label, name, opts in rows:
-        takes = inspect.signature(METHODS[name]).parameters
-        opts = {**opts, **{k: v for k, v in (options or {}).items() if k in takes}}
+        opts = {**opts, **{k: v for k, v in (options or {}).items() if k in takes[name]}}
         torch.manual_seed(0)
         model = build(ModelSpec(backbone, dict(kwargs), num_classes))
         try:

@@ -1,7 +1,5 @@
 """Bottleneck adapters after every transformer block's MLP (Houlsby / Pfeiffer placement), up-projection zero."""
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 
@@ -10,19 +8,14 @@ from ..models import Classifier
 
 
 class Adapter(nn.Module):
-    """``y = mlp(x); y + scale * up(act(down(y)))`` — up zero-initialised (identity at init), down random.
-
-    ``conv=True`` for MLPs of 1x1 convolutions on ``NCHW`` maps (ConvNeXt with ``conv_mlp``): down/up are then
-    1x1 convolutions too, with the same parameters as the linear version.
-    """
+    """``y = mlp(x); y + scale * up(act(down(y)))``, up zero (identity at init); ``conv``: 1x1 convs on ``NCHW`` maps."""
 
     def __init__(self, mlp: nn.Module, dim: int, bottleneck: int, scale: float, conv: bool = False) -> None:
         super().__init__()
-        self.mlp = mlp
+        self.mlp, self.scale = mlp, scale
         self.down = nn.Conv2d(dim, bottleneck, 1) if conv else nn.Linear(dim, bottleneck)
         self.act = nn.GELU()
         self.up = nn.Conv2d(bottleneck, dim, 1) if conv else nn.Linear(bottleneck, dim)
-        self.scale = scale
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -47,6 +40,6 @@ def adapter(model: Classifier, bottleneck: int = 64, scale: float = 1.0, reducti
         conv = isinstance(mlp.fc2, nn.Conv2d)
         dim = mlp.fc2.out_channels if conv else mlp.fc2.out_features
         wrapped = Adapter(mlp, dim, max(1, dim // reduction) if reduction else bottleneck, scale, conv=conv)
-        setattr(model.backbone.get_submodule(parent) if parent else model.backbone, attr, wrapped)
+        setattr(model.backbone.get_submodule(parent), attr, wrapped)
         for p in (*wrapped.down.parameters(), *wrapped.up.parameters()):
             p.requires_grad_(True)

@@ -1,38 +1,6 @@
-"""peft tuners injected in place into one unmodified timm model (``peft.inject_adapter_in_model``), and LoRA on
-slices of a fused ``qkv`` projection (the paper's LoRA on q and v), which peft cannot target.
-
-peft tuners (``TUNERS``), injected in place with ``peft.inject_adapter_in_model`` on the targets
-(default: the transformer linears, else the ResNet convs). Each was checked (``tests/test_methods.py``) to be
-the identity at init (logits within 1e-6), to give every new parameter a non-zero gradient and move it
-within two adversarial training steps, and to survive a safetensors save/load round trip bit-exactly:
-
-| tuner     | defaults set here (peft's otherwise)                        | layers            |
-|-----------|-------------------------------------------------------------|-------------------|
-| lora      | —                                                           | Linear, Conv2d    |
-| loha      | —                                                           | Linear, Conv2d    |
-| lokr      | —                                                           | Linear, Conv2d    |
-| ia3       | ``feedforward_modules`` = ``mlp.fc2`` (peft has no default)  | Linear, Conv2d    |
-| oft       | — (block size 32, adjusted per layer by peft)               | Linear, 1x1 Conv2d|
-| boft      | ``boft_block_size`` = largest divisor <= 4 of every fan-in  | Linear, Conv2d    |
-| fourierft | ``init_weights=True`` (zero spectrum: identity at init), ``n_frequency`` <= smallest weight | Linear |
-| hra       | —                                                           | Linear, Conv2d    |
-| randlora  | ``save_projection=False`` (bases regenerated from their seed) | Linear          |
-
-(``oft``: giving ``r`` alone sets ``oft_block_size=0``, since peft takes exactly one of the two.)
-
-Not supported:
-- ``vera``: peft refuses ``inject_adapter_in_model`` for VeRA (its shared random projections are state of
-  the tuner object, kept only by ``get_peft_model``'s ``PeftModel`` wrapper, which would break the
-  one-model contract). Asking for it is a ``UserError`` that says so.
-- ``oft`` on convolutions larger than 1x1 (ResNets): peft's OFT ``Conv2d`` rotates unfolded patches and
-  folds them back with ``F.fold``, which sums overlapping patches, so even the zero rotation changes the
-  output (not identity at init). Refused with a ``UserError``; 1x1 convs (ConvNeXt MLPs) are fine.
-- ``fourierft`` and ``randlora`` on convolutions: peft implements them for ``nn.Linear`` only (``UserError``).
-- peft's default FourierFT (random spectrum) is not the identity at init; RandLoRA's default
-  (``save_projection=True``) stores one basis tensor shared by all layers, which safetensors refuses to save.
-"""
-
-from __future__ import annotations
+"""peft tuners injected in place into one unmodified timm model (``peft.inject_adapter_in_model``), each checked to be
+the identity at init and to survive a safetensors round trip (``tests/test_methods.py``), and LoRA on slices of a
+fused ``qkv`` projection (the paper's LoRA on q and v), which peft cannot target."""
 
 import math
 import re
@@ -45,24 +13,6 @@ from ..models import Classifier
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # transformer linears
 CONV_TARGETS = ("conv1", "conv2", "conv3")  # ResNet-style blocks, used when no transformer linear exists
-
-
-def _peft_configs() -> dict[str, type]:
-    import peft
-
-    return {
-        "lora": peft.LoraConfig,
-        "loha": peft.LoHaConfig,
-        "lokr": peft.LoKrConfig,
-        "ia3": peft.IA3Config,
-        "oft": peft.OFTConfig,
-        "boft": peft.BOFTConfig,
-        "fourierft": peft.FourierFTConfig,
-        "hra": peft.HRAConfig,
-        "randlora": peft.RandLoraConfig,
-    }
-
-
 TUNERS = ("lora", "loha", "lokr", "ia3", "oft", "boft", "fourierft", "hra", "randlora")
 UNSUPPORTED_TUNERS = {
     "vera": "peft refuses to inject VeRA in place (its shared random projections live on the tuner object, "
@@ -74,10 +24,8 @@ LINEAR_ONLY = ("fourierft", "randlora")  # peft implements these for nn.Linear o
 def _target_regex(model: Classifier, targets: tuple[str, ...] | list[str] | None) -> str:
     """A full-match regex over module names; by default the transformer linears, else ResNet convs."""
     names = [n for n, _ in model.backbone.named_modules()]
-    head = model.head_name
     for cand in [targets] if targets else [DEFAULT_TARGETS, CONV_TARGETS]:
-        alts = "|".join(re.escape(t) for t in cand)
-        rx = rf"(?!{re.escape(head)}$)(.*\.)?({alts})"
+        rx = rf"(?!{re.escape(model.head_name)}$)(.*\.)?({'|'.join(re.escape(t) for t in cand)})"
         if any(re.fullmatch(rx, n) for n in names):
             return rx
     raise UserError(
@@ -85,36 +33,22 @@ def _target_regex(model: Classifier, targets: tuple[str, ...] | list[str] | None
     )
 
 
-def _fan_in(layer: nn.Module) -> int:
-    """The input dimension a peft rotation acts on: ``in_features``, or ``in_channels * kh * kw`` for a conv."""
-    if isinstance(layer, nn.Conv2d):
-        return layer.in_channels * math.prod(layer.kernel_size)
-    return layer.in_features
-
-
 def _tuner_defaults(tuner: str, layers: dict[str, nn.Module], options: dict) -> dict:
-    """Default options that make ``tuner`` valid on these layers and the identity at init (user options win).
-
-    - ia3: the MLP's second linear (``mlp.fc2``) is the feed-forward layer whose *input* is scaled (as in the paper).
-    - oft: giving ``r`` alone means ``oft_block_size=0`` (peft wants exactly one of the two).
-    - boft: block size = the largest divisor (<= 4, peft's default) of every target's fan-in.
-    - fourierft: zero spectrum (peft's default is random, which is not the identity at init) and at most as many
-      frequencies as the smallest target weight has entries (peft's default 1000).
-    - randlora: the random bases are not saved (peft stores one tensor shared by every layer, which safetensors
-      refuses); peft regenerates them from ``projection_prng_key`` with torch's CPU generator when a checkpoint
-      is loaded (the round trip is bit-exact, tested).
-    """
-    if tuner == "ia3":
+    """Default options that make ``tuner`` valid on these layers and the identity at init (user options win)."""
+    if tuner == "ia3":  # the MLP's second linear is the feed-forward layer whose *input* is scaled (as in the paper)
         return {"feedforward_modules": r"(.*\.)?mlp\.fc2"}
-    if tuner == "oft" and "r" in options and "oft_block_size" not in options:
+    if tuner == "oft" and "r" in options and "oft_block_size" not in options:  # peft wants exactly one of the two
         return {"oft_block_size": 0}
-    if tuner == "boft" and "boft_block_num" not in options:
-        g = math.gcd(*(_fan_in(m) for m in layers.values()))
+    if tuner == "boft" and "boft_block_num" not in options:  # the largest divisor (<= 4, peft's) of every fan-in
+        fan_ins = [
+            m.in_channels * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
+            for m in layers.values()
+        ]
+        g = math.gcd(*fan_ins)
         return {"boft_block_size": max(b for b in (1, 2, 3, 4) if g % b == 0)}
-    if tuner == "fourierft":
-        smallest = min(m.weight.numel() for m in layers.values())
-        return {"init_weights": True, "n_frequency": min(1000, smallest)}
-    if tuner == "randlora":
+    if tuner == "fourierft":  # peft's random spectrum is not the identity; at most one frequency per weight entry
+        return {"init_weights": True, "n_frequency": min(1000, min(m.weight.numel() for m in layers.values()))}
+    if tuner == "randlora":  # peft saves one basis shared by every layer (safetensors refuses); regenerated on load
         return {"save_projection": False}
     return {}
 
@@ -135,24 +69,19 @@ def _check_layers(tuner: str, layers: dict[str, nn.Module]) -> None:
 
 
 def peft_tuner(model: Classifier, tuner: str = "lora", targets: list[str] | None = None, **options) -> None:
-    """Inject any peft tuner into the backbone's linears (names in ``targets``); its new weights + head train.
+    """Inject a peft tuner into the backbone's ``targets``; ``options`` go to its peft config (over our defaults)."""
+    import peft  # slow to import: only when a tuner is used
 
-    ``options`` go to the tuner's peft config (e.g. ``r``, ``lora_alpha`` for LoRA; ``r`` for LoHa) and override
-    the defaults of ``_tuner_defaults``.
-    """
-    import peft
-
-    configs = _peft_configs()
     if tuner in UNSUPPORTED_TUNERS:
         raise UserError(f"method: peft tuner {tuner} is not supported: {UNSUPPORTED_TUNERS[tuner]}")
-    if tuner not in configs:
-        raise UserError(f"method: unknown peft tuner {tuner!r}; known: {', '.join(configs)}")
+    if tuner not in TUNERS:
+        raise UserError(f"method: unknown peft tuner {tuner!r}; known: {', '.join(TUNERS)}")
     rx = _target_regex(model, targets)
     layers = {n: m for n, m in model.backbone.named_modules() if re.fullmatch(rx, n)}
     _check_layers(tuner, layers)
     options = {**_tuner_defaults(tuner, layers, options), **options}
     try:
-        config = configs[tuner](target_modules=rx, **options)
+        config = peft.PEFT_TYPE_TO_CONFIG_MAPPING[tuner.upper()](target_modules=rx, **options)
     except (TypeError, ValueError) as e:
         raise UserError(f"method: bad options for peft tuner {tuner}: {str(e).splitlines()[0]}") from None
     if tuner != "lora":  # BOFT, HRA, ... view conv weights as NCHW-contiguous: undo build's channels-last
@@ -225,6 +154,6 @@ def merge_tuners(model: Classifier) -> Classifier:
     for name, module in list(model.backbone.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
-            parent = model.backbone.get_submodule(name.rpartition(".")[0]) if "." in name else model.backbone
-            setattr(parent, name.rpartition(".")[2], module.get_base_layer())
+            parent, _, attr = name.rpartition(".")
+            setattr(model.backbone.get_submodule(parent), attr, module.get_base_layer())
     return model

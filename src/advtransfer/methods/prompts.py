@@ -1,7 +1,5 @@
 """Visual prompt tuning (Jia et al. 2022) by module surgery on timm's VisionTransformer and SwinTransformer."""
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -27,11 +25,8 @@ class _Prompted(nn.Module):
 
 
 class Prompted(_Prompted):
-    """A ViT block with prompt tokens after the prefix (class/register) tokens.
-
-    ``insert``: add the prompts (first block); otherwise replace the previous block's prompts (deep VPT);
-    ``prompts=None`` passes the previous prompts through (shallow VPT); ``drop``: remove them after the block.
-    """
+    """A ViT block with prompts after the prefix tokens: ``insert`` adds them (else they replace the previous block's;
+    ``prompts=None`` passes those on: shallow), ``drop`` removes them after the block."""
 
     def __init__(
         self,
@@ -55,12 +50,8 @@ class Prompted(_Prompted):
 
 
 class PromptedWindowAttention(swin.WindowAttention):
-    """timm's window attention (class swapped in place, same weights) with ``prompts`` as extra tokens.
-
-    While ``prompts`` (``(B, P, C)``, set by ``SwinPrompted``) is a tensor, every window of sample b gets b's
-    prompts prepended: they join its keys and values (and queries) with zero relative-position bias and zero
-    shift mask in their rows and columns. After the call ``prompts`` holds their outputs, averaged over b's windows.
-    """
+    """timm's window attention (class swapped in place) with ``prompts`` ``(B, P, C)`` prepended to each of sample b's
+    windows (zero relative-position bias and shift mask); then ``prompts`` holds their window-averaged outputs."""
 
     prompts: torch.Tensor | None = None
 
@@ -79,13 +70,9 @@ class PromptedWindowAttention(swin.WindowAttention):
 
 
 class SwinPrompted(_Prompted):
-    """A timm Swin block (NHWC) carrying prompt tokens: ``(x, prompts) -> (x, prompts)``.
-
-    The first block takes the patch grid alone; ``prompts=None`` passes the previous prompts through (shallow).
-    Patch tokens follow timm's block exactly, with the prompts (after ``norm1``) in every window's attention;
-    prompt tokens get the same residual attention + MLP update. ``last``: return all tokens as one NHWC row
-    ``(B, 1, P + H*W, C)``, so the final norm and average pool include the prompts.
-    """
+    """A timm Swin block (NHWC) carrying prompts, ``(x, prompts) -> (x, prompts)``, the first block takes ``x`` alone;
+    prompts get the block's residual attention + MLP update. ``last``: all tokens as one NHWC row ``(B, 1, P + H*W, C)``
+    so the final norm and pool include the prompts."""
 
     def __init__(self, block: nn.Module, prompts: nn.Parameter | None, dropout: float, last: bool) -> None:
         super().__init__(block, prompts, dropout)
@@ -117,22 +104,12 @@ class PromptedMerging(nn.Module):
 def vpt(model: Classifier, num_prompts: int = 10, deep: bool = True, dropout: float = 0.0) -> None:
     """Visual prompt tuning (Jia et al. 2022) on a timm ViT or Swin by wrapping its blocks; prompts + head train.
 
-    Args:
-        num_prompts: prompt tokens per block (deep) or in all (shallow); the paper uses 10 (20 for CUB).
-        deep: new prompts in every block (VPT-Deep), else only before the first block, carried on (shallow).
-        dropout: prompt dropout, per sample, in training only (the paper: 0.1).
-
-    Init uniform ±sqrt(6 / (in_chans·patch² + embed_dim)). ViT: prompts after the class token, dropped after the
-    last block. Swin follows the official VPT-Swin (KMnP/vpt) exactly in: prompts after ``norm1`` join every
-    window's attention (shifted too) with zero relative-position bias and zero shift mask in their rows and
-    columns; their outputs are averaged over the windows and get the block's residual + MLP; deep: every block
-    of every stage has its own (``num_prompts`` x Σ block dims parameters: 120,320 on Swin-B); shallow: carried
-    through patch merging as 2x2 patches of copies; the last block's prompts enter the final norm and average
-    pool. Equivalent, not identical: (1) prompt outputs are averaged over each sample's own windows; the
-    official code averages a (windows, batch) view of batch-major windows, mixing samples when both exceed 1
-    (so deep VPT on Swin-B at 224 px agrees exactly: its last stage has one window); (2) its deep prompts after
-    the first block share one dropout mask across the batch, here each sample draws its own; (3)
-    ``forward_features`` returns the tokens as one NHWC row ``(B, 1, P + H*W, C)``, not ``(B, H, W, C)``.
+    ``num_prompts`` per block (``deep``) or in all (shallow, carried on from the first block); ``dropout`` per sample,
+    in training only. Init uniform ±sqrt(6 / (in_chans·patch² + embed_dim)). ViT: prompts after the prefix tokens,
+    dropped after the last block. Swin follows the official VPT-Swin (KMnP/vpt): prompts join every window's
+    attention with zero bias and mask, carried through patch merging, into the final norm and pool (120,320 deep
+    prompts on Swin-B). It differs only where the official code mixes samples: prompt outputs are averaged over each
+    sample's own windows, and each sample draws its own dropout mask.
     """
     bb = model.backbone
     if not isinstance(bb, (vit.VisionTransformer, swin.SwinTransformer)):
