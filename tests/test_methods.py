@@ -161,7 +161,7 @@ def training_problems(model: nn.Module, before: dict[str, torch.Tensor]) -> list
 def test_variants_cover_the_registry():
     assert {name for name, _ in VARIANTS.values()} == set(METHODS)
     assert {o["tuner"] for n, o in VARIANTS.values() if n == "peft"} == set(TUNERS)
-    assert "vera" not in TUNERS  # dropped: see methods' docstring
+    assert "vera" not in TUNERS  # refused with a reason: UNSUPPORTED_TUNERS, docs/methods.md
 
 
 # ----------------------------------------------------------------------------- identity at init

@@ -221,15 +221,15 @@ def pgd_correct(
 ) -> Tensor:
     """Per-example mask: still correct after PGD; ``only`` attacks just these (the rest False), as masking after."""
     idx = None if only is None or threat.iterate == "best" else only.nonzero().squeeze(1)
-    none = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    robust = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     if idx is not None and not len(idx):
         for _ in range(restarts):  # draw the starts all the same: later batches see the RNG as after a full attack
             uniform_start(x, threat.eps, threat.norm)
-        return none
+        return robust
     adv = pgd(model, x, y, threat, restarts=restarts, loss=loss, live=idx)
     if idx is None:
         return clean_correct(model, adv, y) & (True if only is None else only)
-    return none.index_put((idx,), clean_correct(model, adv[idx], y[idx]))
+    return robust.index_put_((idx,), clean_correct(model, adv[idx], y[idx]))
 
 
 def autoattack(

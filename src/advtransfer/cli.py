@@ -211,8 +211,16 @@ def cmd_sweep(args) -> None:
         raise RunError(f"sweep: {len(bad)} run(s) did not finish: " + "; ".join(bad[:3]) + more)
 
 
-COMMANDS = {"run": cmd_run, "pretrain": lambda a: cmd_run(a, pretrain=True), "eval": cmd_eval, "methods": cmd_methods}
-COMMANDS |= {"report": cmd_report, "fetch-data": cmd_fetch, "demo": cmd_demo, "sweep": cmd_sweep}
+COMMANDS = {
+    "run": cmd_run,
+    "pretrain": lambda a: cmd_run(a, pretrain=True),
+    "eval": cmd_eval,
+    "methods": cmd_methods,
+    "report": cmd_report,
+    "fetch-data": cmd_fetch,
+    "demo": cmd_demo,
+    "sweep": cmd_sweep,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

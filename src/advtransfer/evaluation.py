@@ -168,9 +168,21 @@ def evaluate(
     if images.min() < 0 or images.max() > 1:
         raise UserError("eval: images must be in [0,1] (normalisation belongs inside the model)")
     threat = Threat(eps, norm, pgd_steps, pgd_step_size, early_exit=early_exit)
-    kw = dict(attacks=attacks, restarts=pgd_restarts, loss=pgd_loss, seed=seed, num_classes=num_classes, checks=checks)
-    aa = dict(aa_version=aa_version, aa_attacks=aa_attacks, aa_state=aa_state)
-    return evaluate_batches(model, tensor_batches(images, labels, batch_size), len(images), threat, **kw, **aa)
+    return evaluate_batches(
+        model,
+        tensor_batches(images, labels, batch_size),
+        len(images),
+        threat,
+        attacks=attacks,
+        restarts=pgd_restarts,
+        loss=pgd_loss,
+        seed=seed,
+        aa_version=aa_version,
+        aa_attacks=aa_attacks,
+        aa_state=aa_state,
+        num_classes=num_classes,
+        checks=checks,
+    )
 
 
 def evaluate_batches(

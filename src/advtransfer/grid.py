@@ -137,6 +137,7 @@ def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> lis
     """The cartesian product of the axes minus excluded entries, validated, named, with RoLI probe reuse."""
     parsed = [[(axis, *parse_value(axis, v)) for v in values] for axis, values in grid["grid"].items()]
     entries: list[Entry] = []
+    names: set[str] = set()
     used = [0] * len(grid["exclude"])
     for combo in itertools.product(*parsed):
         labels = {axis: label for axis, _, _, label, _ in combo}
@@ -162,8 +163,9 @@ def expand(grid: dict, out: Path, sets: tuple[str, ...] | list[str] = ()) -> lis
         except UserError as e:
             raise UserError(f"sweep: entry {name}: {e}") from None
         cfg = cfg if cfg.name else cfg.model_copy(update={"name": name})
-        if any(e.name == name for e in entries):
+        if name in names:
             raise UserError(f"sweep: two entries are both named {name}; give axis values distinct '_name's")
+        names.add(name)
         entries.append(Entry(name, labels, keys, to_dict(cfg), cfg))
     for rule, u in zip(grid["exclude"], used):
         if not u:

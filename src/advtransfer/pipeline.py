@@ -60,12 +60,26 @@ def source_spec(cfg: RunConfig, splits: Splits) -> tuple[ModelSpec, str]:
             mean, std, origin = src.mean, src.std, f"the metadata of {ckpt.name}"
     if not backbone:
         raise UserError("config: model.backbone is empty and no advtransfer checkpoint names one")
-    a, source = cfg.attack, m.checkpoint or ("timm-pretrained" if m.pretrained else "scratch")
-    trained = dict(dataset=cfg.data.name, objective=cfg.train.objective.value, eps=str(a.eps), norm=a.norm.value)
-    trained.update(epochs=cfg.train.epochs, seed=cfg.seed, source=source)
-    more = dict(classes=splits.classes, input_size=[m.input_size] * 2 if m.input_size else [], trained=trained)
-    method = {"name": cfg.method.name, "options": dict(cfg.method.options)}
-    spec = ModelSpec(backbone, kwargs, splits.num_classes, mean=mean, std=std, method=method, **more)
+    trained = {
+        "dataset": cfg.data.name,
+        "objective": cfg.train.objective.value,
+        "eps": str(cfg.attack.eps),
+        "norm": cfg.attack.norm.value,
+        "epochs": cfg.train.epochs,
+        "seed": cfg.seed,
+        "source": m.checkpoint or ("timm-pretrained" if m.pretrained else "scratch"),
+    }
+    spec = ModelSpec(
+        backbone,
+        kwargs,
+        splits.num_classes,
+        mean=mean,
+        std=std,
+        classes=splits.classes,
+        input_size=[m.input_size] * 2 if m.input_size else [],
+        trained=trained,
+        method={"name": cfg.method.name, "options": dict(cfg.method.options)},
+    )
     return spec, origin if mean else f"timm's default for {backbone}"
 
 
@@ -99,10 +113,22 @@ def run_stage(
     if compact:  # the backbone never changes: keep what trains, and a pointer to the source
         spec = spec.model_copy(update={"trained": {**spec.trained, **source_of(Path(cfg.model.checkpoint))}})
     tracker = Tracker(path, cfg, rd.resuming)
-    threats = Threat.of(cfg.attack), Threat.of(cfg.attack, cfg.eval.val_pgd_steps)
-    opts = dict(workers=worker_count(cfg.data), validate_init=head_from is not None, log=rd.log, track=tracker.log)
-    opts.update(log_every=cfg.track.log_every, save_only=compact_keys(model) if compact else None)
-    stage = Stage(path, spec, getattr(cfg, section), *threats, cfg.seed, cfg.eval.batch_size, section, **opts)
+    stage = Stage(
+        path,
+        spec,
+        getattr(cfg, section),
+        Threat.of(cfg.attack),
+        Threat.of(cfg.attack, cfg.eval.val_pgd_steps),
+        cfg.seed,
+        cfg.eval.batch_size,
+        section,
+        worker_count(cfg.data),
+        validate_init=head_from is not None,
+        log=rd.log,
+        log_every=cfg.track.log_every,
+        track=tracker.log,
+        save_only=compact_keys(model) if compact else None,
+    )
     try:
         progress = fit(model, splits.train, splits.val, stage, resume=rd.resuming)
     finally:
@@ -154,8 +180,15 @@ def test_eval(
             raise Interrupted(f"{why}; state saved in {out}") from None
     masks = {k: v.to(torch.uint8) for k, v in res["masks"].items()}
     atomic_write(out / "masks.safetensors", lambda tmp: save_file(masks, tmp))
-    card = {"clean_acc": res["clean"], "pgd_acc": res["pgd"], "autoattack_acc": res.get("autoattack")}
-    card.update(n_eval=res["n"], pgd_settings=res["pgd_settings"], flags=res["flags"], notes=[])
+    card = {
+        "clean_acc": res["clean"],
+        "pgd_acc": res["pgd"],
+        "autoattack_acc": res.get("autoattack"),
+        "n_eval": res["n"],
+        "pgd_settings": res["pgd_settings"],
+        "flags": res["flags"],
+        "notes": [],
+    }
     if autoattack:
         card.update(n_autoattack=res["n_autoattack"], autoattack_settings=res["autoattack_settings"])
     else:
@@ -165,16 +198,31 @@ def test_eval(
 
 def result_card(cfg: RunConfig, spec: ModelSpec, model: Classifier, progress: dict, res: dict) -> dict:
     """The run's result card: what ran, the test results ``res``, the best validation epoch and the training time."""
-    best, a, variant = progress["best"], cfg.attack, "" if cfg.data.variant == "none" else f" ({cfg.data.variant})"
-    card = {"name": cfg.name, "method": spec.method["name"], "method_options": spec.method["options"]}
-    card.update(init=cfg.method.init.value, backbone=spec.backbone, source=spec.trained["source"])
-    card.update(dataset=cfg.data.name + variant, seed=cfg.seed, eps=str(a.eps), eps_value=float(a.eps))
-    card.update(norm=a.norm.value, objective=cfg.train.objective.value, mean=spec.mean, std=spec.std)
-    card.update(res, best_epoch=best["epoch"], val_clean=best["val_clean"], val_pgd=best["val_pgd"])
-    card.update(trainable_params=count(model), total_params=count(model, only_trainable=False))
-    card["train_attack"] = {"steps": a.steps, "step_size": Threat.of(a).alpha, "iterate": a.iterate}
-    card["train_seconds"] = progress["seconds"]
-    return card
+    best, a = progress["best"], cfg.attack
+    return {
+        "name": cfg.name,
+        "method": spec.method["name"],
+        "method_options": spec.method["options"],
+        "init": cfg.method.init.value,
+        "backbone": spec.backbone,
+        "source": spec.trained["source"],
+        "dataset": cfg.data.name + ("" if cfg.data.variant == "none" else f" ({cfg.data.variant})"),
+        "seed": cfg.seed,
+        "eps": str(a.eps),
+        "eps_value": float(a.eps),
+        "norm": a.norm.value,
+        "objective": cfg.train.objective.value,
+        "mean": spec.mean,
+        "std": spec.std,
+        **res,
+        "best_epoch": best["epoch"],
+        "val_clean": best["val_clean"],
+        "val_pgd": best["val_pgd"],
+        "trainable_params": count(model),
+        "total_params": count(model, only_trainable=False),
+        "train_attack": {"steps": a.steps, "step_size": Threat.of(a).alpha, "iterate": a.iterate},
+        "train_seconds": progress["seconds"],
+    }
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, overwrite: bool = False) -> dict:
